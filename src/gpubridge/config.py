@@ -1,0 +1,182 @@
+"""Configuration: environment variables over an optional TOML file over defaults, validated by pydantic.
+
+The TOML file is found at ``$GPUBRIDGE_CONFIG``, else ``./gpubridge.toml``, else
+``~/.config/gpubridge/config.toml``. Top-level keys are the :class:`Settings` fields; each provider reads
+its own table ``[providers.NAME]`` through a :class:`ProviderSettings` subclass, whose fields can also be
+set by environment variables with that provider's prefix (``GPUBRIDGE_MODAL_URL``, ...)::
+
+    provider = "modal"
+    fallbacks = ["runpod"]
+    timeout = 600
+
+    [providers.local]
+    comfy_url = "http://127.0.0.1:8188"
+
+    [providers.modal]
+    url = "https://ryla--gpubridge-comfyui-api.modal.run"
+
+Precedence, highest first: explicit arguments, environment, TOML, defaults. Secrets are ``SecretStr``:
+they print as ``**********`` in reprs, logs and errors.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, TypeVar
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from .errors import ConfigError
+
+__all__ = ["Settings", "ProviderSettings", "find_config_file", "load_toml", "DEFAULT_COMFY_URL"]
+
+DEFAULT_COMFY_URL = "http://127.0.0.1:8188"
+CONFIG_ENV = "GPUBRIDGE_CONFIG"
+
+S = TypeVar("S", bound="_LayeredSettings")
+
+_FILE_LAYER: contextvars.ContextVar[Mapping[str, Any]] = contextvars.ContextVar("gpubridge_file_layer", default={})
+
+
+class _FileLayer(PydanticBaseSettingsSource):
+    """The TOML values for the model being built (set by ``load`` through a context variable)."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(_FILE_LAYER.get())
+
+
+class _LayeredSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_ignore_empty=True, extra="forbid", validate_default=True)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _FileLayer(settings_cls))
+
+    @classmethod
+    def _build(cls: type[S], file_values: Mapping[str, Any], overrides: Mapping[str, Any], where: str) -> S:
+        token = _FILE_LAYER.set(file_values)
+        try:
+            return cls(**{k: v for k, v in overrides.items() if v is not None})
+        except ValidationError as exc:
+            raise ConfigError(f"Invalid configuration{where}: {_describe(exc)}") from None
+        finally:
+            _FILE_LAYER.reset(token)
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(x) for x in err.get("loc", ()))
+        parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
+    return "; ".join(parts)
+
+
+def find_config_file() -> Path | None:
+    explicit = os.environ.get(CONFIG_ENV)
+    if explicit:
+        path = Path(explicit).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"{CONFIG_ENV} points at {path}, which is not a file.")
+        return path
+    for candidate in (Path.cwd() / "gpubridge.toml", Path.home() / ".config" / "gpubridge" / "config.toml"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def load_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"Cannot parse {path}: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"Cannot read {path}: {exc}") from None
+
+
+def _split_list(value: Any) -> Any:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class Settings(_LayeredSettings):
+    """gpubridge's top-level settings (environment prefix ``GPUBRIDGE_``)."""
+
+    model_config = SettingsConfigDict(env_prefix="GPUBRIDGE_")
+
+    provider: str = "local"
+    """Which provider runs jobs: local, modal, runpod, or any plugin's name."""
+    fallbacks: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Providers tried in order when the primary fails (comma-separated in the environment)."""
+    timeout: float = Field(default=600.0, gt=0)
+    """Default job deadline in seconds (queue time included)."""
+    queue_timeout: float | None = Field(default=None, gt=0)
+    """Reroute a job that waited longer than this for a worker (used by failover)."""
+    providers: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    """Per-provider tables from the TOML file (``[providers.NAME]``)."""
+    resilience: dict[str, Any] = Field(default_factory=dict)
+    shadow: str | None = None
+    """Mirror a sample of traffic to this provider (see gpubridge.shadow)."""
+    shadow_rate: float = Field(default=0.0, ge=0.0, le=1.0)
+    shadow_options: dict[str, Any] = Field(default_factory=dict)
+    pricing: dict[str, float] = Field(default_factory=dict)
+    """GPU price table in USD per second, overriding the built-in one (e.g. ``L40S = 0.000542``)."""
+
+    config_file: Path | None = Field(default=None, exclude=True)
+
+    @field_validator("fallbacks", mode="before")
+    @classmethod
+    def _normalise_fallbacks(cls, value: Any) -> Any:
+        return _split_list(value)
+
+    @classmethod
+    def load(cls, config_file: str | Path | None = None, **overrides: Any) -> Settings:
+        """Read the TOML file (explicit path, or found by :func:`find_config_file`), then the environment."""
+        path = Path(config_file).expanduser() if config_file else find_config_file()
+        data: dict[str, Any] = load_toml(path) if path else {}
+        if path:
+            data["config_file"] = path
+        where = f" in {path}" if path else ""
+        return cls._build(data, overrides, where)
+
+    def provider_section(self, name: str) -> dict[str, Any]:
+        return dict(self.providers.get(name, {}))
+
+
+class ProviderSettings(_LayeredSettings):
+    """Base class for a provider's settings.
+
+    Subclasses set ``model_config = SettingsConfigDict(env_prefix="GPUBRIDGE_<NAME>_")`` and
+    ``section = "<name>"``; :meth:`from_settings` layers environment over ``[providers.<name>]``.
+    """
+
+    section: ClassVar[str] = ""
+
+    @classmethod
+    def from_settings(cls: type[S], settings: Settings | None = None, **overrides: Any) -> S:
+        settings = settings or Settings.load()
+        name = getattr(cls, "section", "")
+        where = f" for provider {name!r}" + (f" ({settings.config_file})" if settings.config_file else "")
+        return cls._build(settings.provider_section(name), overrides, where)

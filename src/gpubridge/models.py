@@ -1,0 +1,673 @@
+"""The job model shared by every provider: workflows, requests, handles, statuses, events and results.
+
+Everything here is a pydantic model, so it serialises to JSON (bytes as base64) and back, and is the same
+whichever backend ran the job.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import difflib
+import enum
+import json
+import mimetypes
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import filetype
+from pydantic import BaseModel, ConfigDict, Field, RootModel, field_validator, model_validator
+
+from .errors import WorkflowFormatError, WorkflowInputError
+
+__all__ = [
+    "Workflow",
+    "InputFile",
+    "JobRequest",
+    "JobHandle",
+    "JobState",
+    "Progress",
+    "JobStatus",
+    "EventType",
+    "JobEvent",
+    "ArtifactKind",
+    "Artifact",
+    "Timings",
+    "Cost",
+    "Attempt",
+    "JobResult",
+    "HealthState",
+    "HealthReport",
+    "new_request_id",
+]
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+# --------------------------------------------------------------------------------------------- workflow
+
+
+def _looks_like_ui_format(data: Mapping[str, Any]) -> bool:
+    return "nodes" in data and "links" in data and isinstance(data.get("nodes"), list)
+
+
+class Workflow(RootModel[dict[str, dict[str, Any]]]):
+    """An API-format ComfyUI graph: ``{node_id: {"class_type": ..., "inputs": {...}, "_meta": {...}}}``.
+
+    Load one with :meth:`load` (a path, JSON text, bytes or a dict). A UI-format export (the one with
+    ``nodes`` and ``links``) is refused with a pointer to ComfyUI's "Export (API)".
+
+    Inputs can be changed by node id or by node title (``_meta.title``) or, when unique, by class type::
+
+        wf.set("6.text", "a fox")          # node 6, input "text"
+        wf.set("KSampler.seed", 42)        # the node titled (or of class) KSampler
+    """
+
+    model_config = ConfigDict(frozen=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check_format(cls, data: Any) -> Any:
+        if isinstance(data, Workflow):
+            return data.root
+        if isinstance(data, Mapping):
+            inner = data.get("prompt")
+            if isinstance(inner, Mapping) and "class_type" not in inner:
+                # A /prompt request body ({"prompt": {...}, "client_id": ...}): take the graph.
+                data = data["prompt"]
+            if _looks_like_ui_format(data):
+                raise WorkflowFormatError(
+                    "This is a UI-format workflow (it has 'nodes' and 'links'). gpubridge needs the API "
+                    "format: in ComfyUI, enable Dev mode options in the settings and use "
+                    "Workflow > Export (API), then load that file."
+                )
+            bad = [k for k, v in data.items() if not isinstance(v, Mapping)]
+            if bad:
+                raise WorkflowFormatError(
+                    f"Not an API-format workflow: the value of key(s) {', '.join(map(repr, bad[:5]))} is "
+                    "not a node object ({'class_type': ..., 'inputs': {...}})."
+                )
+            return {str(k): v for k, v in data.items()}
+        raise WorkflowFormatError(
+            f"A workflow must be a JSON object of nodes, not {type(data).__name__}."
+        )
+
+    # -- loading
+
+    @classmethod
+    def load(cls, source: str | Path | bytes | Mapping[str, Any] | Workflow) -> Workflow:
+        """Load from a path, JSON text, JSON bytes, a dict, or another Workflow (copied)."""
+        if isinstance(source, Workflow):
+            return source.copy()
+        if isinstance(source, Mapping):
+            return cls.model_validate(source)
+        if isinstance(source, bytes):
+            return cls.from_json(source.decode("utf-8"))
+        if isinstance(source, Path) or (isinstance(source, str) and not source.lstrip().startswith("{")):
+            path = Path(source)
+            try:
+                text = path.read_text(encoding="utf-8")
+            except FileNotFoundError:
+                raise WorkflowFormatError(f"Workflow file not found: {path}") from None
+            except OSError as exc:
+                raise WorkflowFormatError(f"Cannot read workflow file {path}: {exc}") from None
+            return cls.from_json(text, origin=str(path))
+        return cls.from_json(source)
+
+    @classmethod
+    def from_json(cls, text: str, *, origin: str | None = None) -> Workflow:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            where = f" in {origin}" if origin else ""
+            raise WorkflowFormatError(f"Workflow is not valid JSON{where}: {exc}") from None
+        return cls.model_validate(data)
+
+    # -- access
+
+    @property
+    def nodes(self) -> dict[str, dict[str, Any]]:
+        return self.root
+
+    def to_api(self) -> dict[str, dict[str, Any]]:
+        """The graph as the plain dict ComfyUI's ``POST /prompt`` takes (not a copy)."""
+        return self.root
+
+    def copy(self) -> Workflow:
+        return Workflow.model_construct(json.loads(json.dumps(self.root)))
+
+    def __len__(self) -> int:
+        return len(self.root)
+
+    def __iter__(self):  # type: ignore[override]
+        return iter(self.root)
+
+    def __getitem__(self, node_id: str) -> dict[str, Any]:
+        return self.root[node_id]
+
+    def __contains__(self, node_id: object) -> bool:
+        return node_id in self.root
+
+    def title(self, node_id: str) -> str | None:
+        meta = self.root[node_id].get("_meta")
+        return meta.get("title") if isinstance(meta, Mapping) else None
+
+    def class_type(self, node_id: str) -> str | None:
+        node = self.root.get(node_id)
+        return node.get("class_type") if node else None
+
+    def nodes_of_type(self, class_type: str) -> list[str]:
+        return [nid for nid, node in self.root.items() if node.get("class_type") == class_type]
+
+    def find_node(self, ref: str) -> str:
+        """Resolve a node reference (id, title, or unique class type) to its id."""
+        ref = str(ref)
+        if ref in self.root:
+            return ref
+        by_title = [nid for nid in self.root if self.title(nid) == ref]
+        if len(by_title) == 1:
+            return by_title[0]
+        if len(by_title) > 1:
+            raise WorkflowInputError(
+                f"Node title {ref!r} is ambiguous: nodes {', '.join(by_title)} share it. Use a node id."
+            )
+        by_type = self.nodes_of_type(ref)
+        if len(by_type) == 1:
+            return by_type[0]
+        if len(by_type) > 1:
+            raise WorkflowInputError(
+                f"{ref!r} matches several nodes of that class ({', '.join(by_type)}). Use a node id or a title."
+            )
+        names = sorted(set(self.root) | {t for nid in self.root if (t := self.title(nid))})
+        hint = difflib.get_close_matches(ref, names, n=3)
+        suffix = f" Did you mean {', '.join(map(repr, hint))}?" if hint else ""
+        raise WorkflowInputError(f"No node {ref!r} in the workflow (by id, title or class type).{suffix}")
+
+    def set(self, key: str, value: Any) -> Workflow:
+        """Set one input: ``"NODE.input"``, where NODE is an id, a title or a unique class type.
+
+        The input must already exist on the node (API-format exports list every widget input), so a typo
+        fails here, before any GPU time, rather than being silently ignored. Returns ``self``.
+        """
+        ref, sep, input_name = str(key).rpartition(".")
+        if not sep or not ref or not input_name:
+            raise WorkflowInputError(f"Expected NODE.input (e.g. '6.text' or 'KSampler.seed'), got {key!r}.")
+        node_id = self.find_node(ref)
+        inputs = self.root[node_id].setdefault("inputs", {})
+        if input_name not in inputs:
+            hint = difflib.get_close_matches(input_name, list(inputs), n=3)
+            suffix = f" Did you mean {', '.join(map(repr, hint))}?" if hint else ""
+            have = ", ".join(inputs) or "none"
+            raise WorkflowInputError(
+                f"Node {node_id} ({self.class_type(node_id)}) has no input {input_name!r} "
+                f"(it has: {have}).{suffix}"
+            )
+        inputs[input_name] = value
+        return self
+
+    def with_values(self, values: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> Workflow:
+        """A copy with several inputs set (see :meth:`set`)."""
+        wf = self.copy()
+        items = values.items() if isinstance(values, Mapping) else values
+        for key, value in items:
+            wf.set(key, value)
+        return wf
+
+
+# ----------------------------------------------------------------------------------------------- inputs
+
+
+def _decode_data_uri(value: str) -> tuple[bytes, str | None]:
+    header, sep, payload = value.partition(",")
+    if not sep or ";base64" not in header:
+        raise WorkflowInputError("Only base64 data URIs are supported (data:<mime>;base64,<data>).")
+    mime = header[5:].split(";", 1)[0] or None
+    try:
+        return base64.b64decode(payload, validate=True), mime
+    except (binascii.Error, ValueError) as exc:
+        raise WorkflowInputError(f"Invalid base64 in data URI: {exc}") from None
+
+
+class InputFile(BaseModel):
+    """An input file (usually an image for LoadImage), given as bytes, a path, base64, a data URI or a URL.
+
+    Build one with :meth:`coerce`; ``JobRequest(inputs={"face.png": "path/to/face.png"})`` does it for you.
+    Paths and base64 are read at construction, so a bad input fails before anything is submitted.
+    """
+
+    model_config = ConfigDict(ser_json_bytes="base64", val_json_bytes="base64", frozen=True)
+
+    data: bytes | None = Field(default=None, repr=False)
+    url: str | None = None
+    mime_type: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> InputFile:
+        if (self.data is None) == (self.url is None):
+            raise WorkflowInputError("An input file needs exactly one of data or url.")
+        return self
+
+    @classmethod
+    def coerce(cls, value: Any) -> InputFile:
+        if isinstance(value, InputFile):
+            return value
+        if isinstance(value, Mapping):
+            return cls.model_validate(value)
+        if isinstance(value, (bytes, bytearray, memoryview)):
+            data = bytes(value)
+            return cls(data=data, mime_type=_sniff_mime(data))
+        if isinstance(value, Path):
+            return cls._from_path(value)
+        if isinstance(value, str):
+            s = value.strip()
+            if s.startswith("data:"):
+                data, mime = _decode_data_uri(s)
+                return cls(data=data, mime_type=mime or _sniff_mime(data))
+            if s.startswith(("http://", "https://")):
+                return cls(url=s)
+            if len(s) < 1024 and ("/" in s or "\\" in s or "." in s[-6:]) and _is_file(s):
+                return cls._from_path(Path(s))
+            try:
+                data = base64.b64decode(s, validate=True)
+            except (binascii.Error, ValueError):
+                data = b""
+            mime = _sniff_mime(data) if data else None
+            if mime:
+                return cls(data=data, mime_type=mime)
+            raise WorkflowInputError(
+                "Input is neither an existing file, a URL, a data URI nor base64 of a known file type: "
+                f"{s[:60]!r}{'...' if len(s) > 60 else ''}"
+            )
+        raise WorkflowInputError(f"Unsupported input type {type(value).__name__}.")
+
+    @classmethod
+    def _from_path(cls, path: Path) -> InputFile:
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise WorkflowInputError(f"Cannot read input file {path}: {exc.strerror or exc}") from None
+        return cls(data=data, mime_type=_sniff_mime(data) or mimetypes.guess_type(path.name)[0])
+
+    def as_base64(self) -> str:
+        if self.data is None:
+            raise WorkflowInputError("This input is a URL; fetch it first.")
+        return base64.b64encode(self.data).decode("ascii")
+
+    def __len__(self) -> int:
+        return len(self.data or b"")
+
+
+def _is_file(path: str) -> bool:
+    try:
+        return Path(path).is_file()
+    except (OSError, ValueError):
+        return False
+
+
+def _sniff_mime(data: bytes) -> str | None:
+    kind = filetype.guess(data[:262])
+    return kind.mime if kind else None
+
+
+# ---------------------------------------------------------------------------------------------- request
+
+
+class JobRequest(BaseModel):
+    """What to run: a workflow, its input files, and how long it may take.
+
+    ``timeout`` is the job's hard deadline in seconds from submission (queue time included): when it
+    passes, the job is interrupted or removed from the queue and :class:`~gpubridge.errors.JobTimeout`
+    is raised. ``queue_timeout`` bounds the time spent waiting for a worker; the failover layer reroutes
+    jobs that exceed it. ``idempotency_key`` identifies the job across retries and providers.
+    """
+
+    model_config = ConfigDict(ser_json_bytes="base64", val_json_bytes="base64")
+
+    workflow: Workflow
+    inputs: dict[str, InputFile] = Field(default_factory=dict)
+    timeout: float | None = Field(default=None, gt=0)
+    queue_timeout: float | None = Field(default=None, gt=0)
+    idempotency_key: str | None = None
+    tags: dict[str, str] = Field(default_factory=dict)
+    request_id: str = Field(default_factory=new_request_id)
+
+    @field_validator("workflow", mode="before")
+    @classmethod
+    def _workflow(cls, v: Any) -> Any:
+        if isinstance(v, (str, Path, bytes)):
+            return Workflow.load(v)
+        return v
+
+    @field_validator("inputs", mode="before")
+    @classmethod
+    def _inputs(cls, v: Any) -> Any:
+        if v is None:
+            return {}
+        if not isinstance(v, Mapping):
+            raise WorkflowInputError("inputs must be a mapping of name -> file")
+        out = {}
+        for name, value in v.items():
+            if not name or "/" in name or "\\" in name or name in (".", ".."):
+                raise WorkflowInputError(f"Invalid input name {name!r}: use a plain file name like 'face.png'.")
+            out[str(name)] = InputFile.coerce(value)
+        return out
+
+    def payload_size(self) -> int:
+        """Approximate bytes this request takes on the wire (inputs base64-encoded)."""
+        size = len(json.dumps(self.workflow.root, separators=(",", ":")))
+        for name, f in self.inputs.items():
+            size += len(name) + (len(f.data) * 4 // 3 + 4 if f.data is not None else len(f.url or ""))
+        return size
+
+
+# ---------------------------------------------------------------------------------------- handle/status
+
+
+class JobState(str, enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    TIMED_OUT = "timed_out"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in _TERMINAL
+
+    def __str__(self) -> str:
+        return self.value
+
+
+_TERMINAL = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.TIMED_OUT})
+
+
+class JobHandle(BaseModel):
+    """A reference to a submitted job. ``job_id`` is the provider's id; ``str(handle)`` is that id."""
+
+    model_config = ConfigDict(frozen=True)
+
+    job_id: str
+    provider: str
+    request_id: str | None = None
+    submitted_at: float = Field(default_factory=time.time)
+    deadline: float | None = None
+    """Wall-clock time (epoch seconds) after which the job is cancelled."""
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return self.job_id
+
+
+class Progress(BaseModel):
+    """Where a running job is: the node executing, its step/of, and how many nodes are done."""
+
+    node_id: str | None = None
+    node_type: str | None = None
+    value: float | None = None
+    max: float | None = None
+    nodes_done: int | None = None
+    nodes_total: int | None = None
+
+    @property
+    def fraction(self) -> float | None:
+        """Overall completion in [0, 1] when it can be estimated."""
+        if self.nodes_total:
+            done = self.nodes_done or 0
+            step = (self.value / self.max) if self.value is not None and self.max else 0.0
+            return min(1.0, (done + step) / self.nodes_total)
+        if self.value is not None and self.max:
+            return min(1.0, self.value / self.max)
+        return None
+
+
+class JobStatus(BaseModel):
+    job_id: str
+    provider: str
+    state: JobState
+    progress: Progress | None = None
+    queue_position: int | None = None
+    message: str | None = None
+    error: dict[str, Any] | None = None
+    updated_at: float = Field(default_factory=time.time)
+
+    @property
+    def done(self) -> bool:
+        return self.state.is_terminal
+
+
+# ------------------------------------------------------------------------------------------------ events
+
+
+class EventType(str, enum.Enum):
+    QUEUED = "queued"
+    STARTED = "started"
+    CACHED = "cached"
+    EXECUTING = "executing"
+    PROGRESS = "progress"
+    EXECUTED = "executed"
+    PREVIEW = "preview"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    TIMED_OUT = "timed_out"
+    RETRYING = "retrying"
+    FAILOVER = "failover"
+    LOG = "log"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+TERMINAL_EVENTS = frozenset({EventType.SUCCEEDED, EventType.FAILED, EventType.CANCELLED, EventType.TIMED_OUT})
+
+
+class JobEvent(BaseModel):
+    """One thing that happened to a job, in order. Terminal types end a job's event stream."""
+
+    model_config = ConfigDict(ser_json_bytes="base64", val_json_bytes="base64")
+
+    type: EventType
+    job_id: str
+    provider: str | None = None
+    at: float = Field(default_factory=time.time)
+    node_id: str | None = None
+    node_type: str | None = None
+    value: float | None = None
+    max: float | None = None
+    queue_position: int | None = None
+    message: str | None = None
+    data: dict[str, Any] = Field(default_factory=dict)
+    image: bytes | None = Field(default=None, repr=False)
+    """Preview image bytes, for PREVIEW events."""
+
+    @property
+    def terminal(self) -> bool:
+        return self.type in TERMINAL_EVENTS
+
+
+# ----------------------------------------------------------------------------------------------- results
+
+
+class ArtifactKind(str, enum.Enum):
+    IMAGE = "image"
+    ANIMATION = "animation"  # gif, animated webp/png
+    VIDEO = "video"
+    AUDIO = "audio"
+    TEXT = "text"
+    FILE = "file"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+_ANIMATED_MIMES = {"image/gif"}
+
+
+def artifact_kind(mime_type: str | None, *, animated: bool = False) -> ArtifactKind:
+    if not mime_type:
+        return ArtifactKind.FILE
+    major = mime_type.split("/", 1)[0]
+    if major == "video":
+        return ArtifactKind.VIDEO
+    if major == "audio":
+        return ArtifactKind.AUDIO
+    if major == "image":
+        return ArtifactKind.ANIMATION if animated or mime_type in _ANIMATED_MIMES else ArtifactKind.IMAGE
+    if major == "text":
+        return ArtifactKind.TEXT
+    return ArtifactKind.FILE
+
+
+class Artifact(BaseModel):
+    """One output of a job: a file (image, video, audio ...) or a text value, with the node that made it."""
+
+    model_config = ConfigDict(ser_json_bytes="base64", val_json_bytes="base64")
+
+    node_id: str
+    kind: ArtifactKind
+    filename: str | None = None
+    subfolder: str = ""
+    type: str | None = None
+    """ComfyUI's folder type: output, temp or input."""
+    mime_type: str | None = None
+    data: bytes | None = Field(default=None, repr=False)
+    url: str | None = None
+    text: str | None = None
+    width: int | None = None
+    height: int | None = None
+    size: int | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+    def save(self, directory: str | Path, *, name: str | None = None) -> Path:
+        """Write the artifact under ``directory`` and return the path. Text artifacts become .txt files."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        if self.kind is ArtifactKind.TEXT and self.data is None:
+            path = directory / (name or f"node{self.node_id}_text.txt")
+            path.write_text(self.text or "", encoding="utf-8")
+            return path
+        if self.data is None:
+            raise ValueError(f"Artifact {self.filename!r} has no bytes (url={self.url!r}); download it first.")
+        path = directory / (name or Path(self.filename or f"node{self.node_id}.bin").name)
+        path.write_bytes(self.data)
+        return path
+
+
+class Timings(BaseModel):
+    """Seconds spent in each phase; wall-clock stamps are epoch seconds."""
+
+    submitted_at: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    queued_s: float | None = None
+    executing_s: float | None = None
+    total_s: float | None = None
+    upload_s: float | None = None
+    download_s: float | None = None
+
+
+class Cost(BaseModel):
+    usd: float
+    gpu: str | None = None
+    seconds: float | None = None
+    rate_usd_per_s: float | None = None
+    basis: str = "estimate"
+    """'estimate' (GPU price x seconds) or 'billed' (reported by the provider)."""
+
+
+class Attempt(BaseModel):
+    """One try of a job on one provider (the resilience layer lists every try in the result)."""
+
+    provider: str
+    job_id: str | None = None
+    outcome: str
+    error: dict[str, Any] | None = None
+    started_at: float | None = None
+    ended_at: float | None = None
+
+
+class JobResult(BaseModel):
+    model_config = ConfigDict(ser_json_bytes="base64", val_json_bytes="base64")
+
+    job_id: str
+    provider: str
+    request_id: str | None = None
+    state: JobState = JobState.SUCCEEDED
+    artifacts: list[Artifact] = Field(default_factory=list)
+    outputs: dict[str, Any] = Field(default_factory=dict)
+    """The raw per-node outputs as the backend reported them (filenames, text...)."""
+    timings: Timings = Field(default_factory=Timings)
+    cost: Cost | None = None
+    attempts: list[Attempt] = Field(default_factory=list)
+    tags: dict[str, str] = Field(default_factory=dict)
+    warnings: list[str] = Field(default_factory=list)
+
+    @property
+    def images(self) -> list[Artifact]:
+        return [a for a in self.artifacts if a.kind is ArtifactKind.IMAGE]
+
+    @property
+    def videos(self) -> list[Artifact]:
+        return [a for a in self.artifacts if a.kind in (ArtifactKind.VIDEO, ArtifactKind.ANIMATION)]
+
+    @property
+    def texts(self) -> list[str]:
+        return [a.text or "" for a in self.artifacts if a.kind is ArtifactKind.TEXT]
+
+    def save(self, directory: str | Path) -> list[Path]:
+        """Write every artifact under ``directory`` (file names are kept unique)."""
+        directory = Path(directory)
+        paths: list[Path] = []
+        used: set[str] = set()
+        for art in self.artifacts:
+            base = Path(art.filename).name if art.filename else f"node{art.node_id}_{art.kind.value}.txt"
+            name, n = base, 1
+            while name in used:
+                stem, dot, ext = base.rpartition(".")
+                name = f"{stem or base}_{n}{dot}{ext}" if dot else f"{base}_{n}"
+                n += 1
+            used.add(name)
+            paths.append(art.save(directory, name=name))
+        return paths
+
+    def summary(self) -> dict[str, Any]:
+        """The result as JSON-safe data without artifact bytes (what ``gpubridge run --json`` prints)."""
+        return self.model_dump(mode="json", exclude={"artifacts": {"__all__": {"data"}}})
+
+
+# ------------------------------------------------------------------------------------------------ health
+
+
+class HealthState(str, enum.Enum):
+    HEALTHY = "healthy"
+    DEGRADED = "degraded"
+    UNHEALTHY = "unhealthy"
+    UNKNOWN = "unknown"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class HealthReport(BaseModel):
+    """A provider's health, in one shape for every backend."""
+
+    provider: str
+    state: HealthState
+    message: str | None = None
+    latency_ms: float | None = None
+    checked_at: float = Field(default_factory=time.time)
+    queue_depth: int | None = None
+    running: int | None = None
+    workers: dict[str, int] | None = None
+    version: str | None = None
+    details: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.state in (HealthState.HEALTHY, HealthState.DEGRADED)

@@ -1,0 +1,420 @@
+"""The runner interface every provider implements, and the pieces runners are built from.
+
+:class:`WorkflowRunner` is async: it is the implementation. :class:`SyncRunner` drives any runner from
+synchronous code through one background event loop (anyio's blocking portal), so there is no second
+implementation. Runners compose: :class:`RunnerWrapper` forwards every call to an inner runner, and the
+resilience and shadow layers are runners that wrap runners.
+
+The contract, for implementers:
+
+- ``submit`` returns as soon as the backend has accepted the job. Validation failures raise
+  :class:`~gpubridge.errors.WorkflowInvalid` *before* anything runs.
+- ``wait`` returns the :class:`~gpubridge.models.JobResult` or raises the job's typed error. The job's own
+  deadline (``JobRequest.timeout``) is enforced by the runner: the remote job is interrupted or dequeued
+  and :class:`~gpubridge.errors.JobTimeout` (``cancelled=True``) is raised. A ``wait(timeout=...)`` shorter
+  than that only stops waiting: it raises ``JobTimeout`` with ``cancelled=False`` and the job runs on.
+- ``cancel`` is idempotent and returns the job's status after the cancel request.
+- ``events`` yields the job's events from its start (a late subscriber gets a replay) and ends after a
+  terminal event.
+- Job ids are strings; a runner also accepts an id it did not submit itself (another process did) where
+  the backend makes that possible.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import collections
+import contextlib
+import inspect
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from functools import partial
+from pathlib import Path
+from typing import Any, TypeVar, Union
+
+from .errors import JobTimeout
+from .models import (
+    EventType,
+    HealthReport,
+    JobEvent,
+    JobHandle,
+    JobRequest,
+    JobResult,
+    JobState,
+    JobStatus,
+    Workflow,
+)
+
+__all__ = [
+    "JobRef",
+    "WorkflowRunner",
+    "RunnerWrapper",
+    "SyncRunner",
+    "EventStream",
+    "as_request",
+    "job_id_of",
+    "poll_events",
+]
+
+JobRef = Union[JobHandle, str]
+EventCallback = Callable[[JobEvent], Union[None, Awaitable[None]]]
+T = TypeVar("T")
+
+
+def job_id_of(job: JobRef) -> str:
+    return job.job_id if isinstance(job, JobHandle) else str(job)
+
+
+def as_request(request: JobRequest | Workflow | dict | str | Path, **fields: Any) -> JobRequest:
+    """Accept a JobRequest, or a workflow (object, dict, path or JSON) plus JobRequest fields."""
+    if isinstance(request, JobRequest):
+        return request.model_copy(update=fields) if fields else request
+    return JobRequest(workflow=request, **fields)
+
+
+class WorkflowRunner(abc.ABC):
+    """Runs ComfyUI workflows somewhere. See the module docstring for the contract."""
+
+    name: str = "runner"
+
+    @abc.abstractmethod
+    async def submit(self, request: JobRequest) -> JobHandle:
+        """Send the job; return once the backend has accepted it."""
+
+    @abc.abstractmethod
+    async def status(self, job: JobRef) -> JobStatus:
+        """The job's current state, progress and queue position."""
+
+    @abc.abstractmethod
+    async def wait(self, job: JobRef, *, timeout: float | None = None) -> JobResult:
+        """Wait for the job and return its result, or raise its typed error."""
+
+    @abc.abstractmethod
+    async def cancel(self, job: JobRef) -> JobStatus:
+        """Cancel the job (dequeue it, or interrupt it if it runs). Idempotent."""
+
+    @abc.abstractmethod
+    def events(self, job: JobRef) -> AsyncIterator[JobEvent]:
+        """The job's events, from its start, ending after a terminal event."""
+
+    @abc.abstractmethod
+    async def health(self) -> HealthReport:
+        """An active health check of the backend."""
+
+    async def result(self, job: JobRef, *, timeout: float | None = None) -> JobResult:
+        """Alias of :meth:`wait`."""
+        return await self.wait(job, timeout=timeout)
+
+    async def run(
+        self,
+        request: JobRequest | Workflow | dict | str | Path,
+        *,
+        on_event: EventCallback | None = None,
+        **fields: Any,
+    ) -> JobResult:
+        """Submit and wait. If the caller is cancelled, the remote job is cancelled too (no orphans)."""
+        req = as_request(request, **fields)
+        handle = await self.submit(req)
+        watcher = asyncio.create_task(_forward_events(self, handle, on_event)) if on_event else None
+        try:
+            return await self.wait(handle)
+        except asyncio.CancelledError:
+            await _cancel_quietly(self, handle)
+            raise
+        except JobTimeout as exc:
+            if not exc.cancelled:
+                await _cancel_quietly(self, handle)
+            raise
+        finally:
+            if watcher is not None:
+                await _finish_watcher(watcher)
+
+    async def aclose(self) -> None:
+        """Release connections and background tasks."""
+
+    async def __aenter__(self: T) -> T:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def sync(self) -> SyncRunner:
+        """A blocking facade over this runner (it owns a background event loop; close it when done)."""
+        return SyncRunner(self)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r}>"
+
+
+async def _cancel_quietly(runner: WorkflowRunner, handle: JobHandle) -> None:
+    with contextlib.suppress(Exception):
+        await asyncio.shield(runner.cancel(handle))
+
+
+async def _forward_events(runner: WorkflowRunner, handle: JobHandle, callback: EventCallback) -> None:
+    async for event in runner.events(handle):
+        out = callback(event)
+        if inspect.isawaitable(out):
+            await out
+
+
+async def _finish_watcher(task: asyncio.Task[None]) -> None:
+    # The job is terminal: its stream ends on its own once the last events are delivered. Bound the wait so
+    # a backend whose stream lags (polling) cannot hold the result back.
+    if not task.done():
+        await asyncio.wait({task}, timeout=2.0)
+    if not task.done():
+        task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task
+
+
+class RunnerWrapper(WorkflowRunner):
+    """A runner that forwards every call to ``inner``. Subclass it to compose behaviour around a runner."""
+
+    def __init__(self, inner: WorkflowRunner):
+        self.inner = inner
+        self.name = inner.name
+
+    async def submit(self, request: JobRequest) -> JobHandle:
+        return await self.inner.submit(request)
+
+    async def status(self, job: JobRef) -> JobStatus:
+        return await self.inner.status(job)
+
+    async def wait(self, job: JobRef, *, timeout: float | None = None) -> JobResult:
+        return await self.inner.wait(job, timeout=timeout)
+
+    async def cancel(self, job: JobRef) -> JobStatus:
+        return await self.inner.cancel(job)
+
+    def events(self, job: JobRef) -> AsyncIterator[JobEvent]:
+        return self.inner.events(job)
+
+    async def health(self) -> HealthReport:
+        return await self.inner.health()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+# ------------------------------------------------------------------------------------------------ events
+
+
+class EventStream:
+    """The ordered, replayable event log of one job, with any number of subscribers.
+
+    ``publish`` never blocks. A subscriber that joins late gets the events still held (the last
+    ``maxlen``), then live ones; the stream ends after a terminal event or :meth:`close`.
+    """
+
+    __slots__ = ("_events", "_offset", "_changed", "_closed", "maxlen")
+
+    def __init__(self, maxlen: int = 512):
+        self._events: collections.deque[JobEvent] = collections.deque()
+        self._offset = 0  # index of _events[0] in the whole history
+        self._changed: asyncio.Event | None = None
+        self._closed = False
+        self.maxlen = maxlen
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def publish(self, event: JobEvent) -> None:
+        if self._closed:
+            return
+        self._events.append(event)
+        if len(self._events) > self.maxlen:
+            self._events.popleft()
+            self._offset += 1
+        if event.terminal:
+            self._closed = True
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
+
+    def close(self) -> None:
+        self._closed = True
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
+
+    def last(self) -> JobEvent | None:
+        return self._events[-1] if self._events else None
+
+    async def subscribe(self) -> AsyncIterator[JobEvent]:
+        index = self._offset
+        while True:
+            if index < self._offset:
+                index = self._offset  # fell behind the retained window
+            while index - self._offset < len(self._events):
+                event = self._events[index - self._offset]
+                index += 1
+                yield event
+            if self._closed:
+                return
+            if self._changed is None:
+                self._changed = asyncio.Event()
+            await self._changed.wait()
+
+
+_STATE_EVENT = {
+    JobState.QUEUED: EventType.QUEUED,
+    JobState.RUNNING: EventType.STARTED,
+    JobState.SUCCEEDED: EventType.SUCCEEDED,
+    JobState.FAILED: EventType.FAILED,
+    JobState.CANCELLED: EventType.CANCELLED,
+    JobState.TIMED_OUT: EventType.TIMED_OUT,
+}
+
+
+async def poll_events(
+    status: Callable[[], Awaitable[JobStatus]],
+    *,
+    provider: str | None = None,
+    interval: float = 0.25,
+    max_interval: float = 2.0,
+) -> AsyncIterator[JobEvent]:
+    """Events derived from polling a status function, for backends that cannot stream.
+
+    It yields one event per state change and per progress change, and backs off from ``interval`` to
+    ``max_interval`` while nothing changes.
+    """
+    last_state: JobState | None = None
+    last_progress: tuple[Any, ...] | None = None
+    delay = interval
+    while True:
+        st = await status()
+        changed = False
+        if st.state is not last_state:
+            last_state = st.state
+            changed = True
+            yield JobEvent(
+                type=_STATE_EVENT[st.state],
+                job_id=st.job_id,
+                provider=provider or st.provider,
+                queue_position=st.queue_position,
+                message=st.message,
+                data={"error": st.error} if st.error else {},
+            )
+        if st.state.is_terminal:
+            return
+        p = st.progress
+        key = (p.node_id, p.value, p.max) if p else None
+        if key is not None and key != last_progress:
+            last_progress = key
+            changed = True
+            yield JobEvent(
+                type=EventType.PROGRESS,
+                job_id=st.job_id,
+                provider=provider or st.provider,
+                node_id=p.node_id,
+                node_type=p.node_type,
+                value=p.value,
+                max=p.max,
+            )
+        delay = interval if changed else min(max_interval, delay * 1.5)
+        await asyncio.sleep(delay)
+
+
+# -------------------------------------------------------------------------------------------------- sync
+
+
+class SyncRunner:
+    """Blocking access to a :class:`WorkflowRunner`, for scripts and synchronous web frameworks.
+
+    It runs the async runner on one background event loop (thread-safe to call from many threads)::
+
+        with gpubridge.connect().sync() as runner:
+            result = runner.run("workflow.json", timeout=120)
+    """
+
+    def __init__(self, runner: WorkflowRunner):
+        from anyio.from_thread import start_blocking_portal
+
+        self.runner = runner
+        self._portal_cm = start_blocking_portal(backend="asyncio")
+        self._portal = self._portal_cm.__enter__()
+        self._closed = False
+
+    @property
+    def name(self) -> str:
+        return self.runner.name
+
+    def _call(self, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
+        if self._closed:
+            raise RuntimeError("This SyncRunner is closed.")
+        return self._portal.call(partial(fn, *args, **kwargs))
+
+    def submit(self, request: JobRequest | Workflow | dict | str | Path, **fields: Any) -> JobHandle:
+        return self._call(self.runner.submit, as_request(request, **fields))
+
+    def status(self, job: JobRef) -> JobStatus:
+        return self._call(self.runner.status, job)
+
+    def wait(self, job: JobRef, *, timeout: float | None = None) -> JobResult:
+        return self._call(self.runner.wait, job, timeout=timeout)
+
+    result = wait
+
+    def cancel(self, job: JobRef) -> JobStatus:
+        return self._call(self.runner.cancel, job)
+
+    def health(self) -> HealthReport:
+        return self._call(self.runner.health)
+
+    def run(
+        self,
+        request: JobRequest | Workflow | dict | str | Path,
+        *,
+        on_event: Callable[[JobEvent], None] | None = None,
+        **fields: Any,
+    ) -> JobResult:
+        """Submit and wait. On KeyboardInterrupt the remote job is cancelled before re-raising."""
+        handle = self.submit(request, **fields)
+        try:
+            if on_event is not None:
+                for event in self.events(handle):
+                    on_event(event)
+            return self.wait(handle)
+        except KeyboardInterrupt:
+            with contextlib.suppress(Exception):
+                self.cancel(handle)
+            raise
+
+    def events(self, job: JobRef) -> Iterator[JobEvent]:
+        agen = self.runner.events(job)
+        try:
+            while True:
+                try:
+                    yield self._call(agen.__anext__)
+                except StopAsyncIteration:
+                    return
+        finally:
+            if not self._closed:
+                with contextlib.suppress(Exception):
+                    self._call(agen.aclose)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        try:
+            self._portal.call(self.runner.aclose)
+        finally:
+            self._closed = True
+            self._portal_cm.__exit__(None, None, None)
+
+    def __enter__(self) -> SyncRunner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<SyncRunner {self.runner!r}>"
+
+
+def monotonic_deadline(timeout: float | None) -> float | None:
+    return None if timeout is None else time.monotonic() + timeout
