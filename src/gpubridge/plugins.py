@@ -54,7 +54,9 @@ log = logging.getLogger("gpubridge.plugins")
 
 PROJECT = "gpubridge"
 ENTRY_POINT_GROUP = "gpubridge"
-DEFAULT_PLUGINS: tuple[str, ...] = ("gpubridge.providers.local",)
+DEFAULT_PLUGINS: tuple[str, ...] = (
+    "gpubridge.providers.local",
+)
 
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)

@@ -1,0 +1,421 @@
+"""The ``gpubridge`` command line (typer + rich).
+
+Exit codes: 0 success; 1 the job failed or was cancelled; 2 bad usage, workflow or configuration;
+3 the provider is unreachable or refused our credentials; 4 the job timed out; 130 interrupted.
+Progress goes to stderr, so ``--json`` output on stdout stays machine-readable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .config import Settings
+from .errors import (
+    AuthError,
+    ConfigError,
+    GpuBridgeError,
+    JobTimeout,
+    PayloadTooLarge,
+    ProviderError,
+    WorkflowError,
+)
+from .models import EventType, JobEvent, JobRequest, JobResult, JobStatus, Workflow
+from .plugins import get_registry
+
+T = TypeVar("T")
+
+app = typer.Typer(
+    name="gpubridge",
+    help="Run ComfyUI workflows on GPU backends (local ComfyUI, Modal, RunPod) through one runner.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+testing_app = typer.Typer(help="Test doubles that serve real protocols on loopback.", no_args_is_help=True)
+app.add_typer(testing_app, name="testing")
+
+err = Console(stderr=True, highlight=False)
+out = Console(highlight=False, soft_wrap=True)
+
+ProviderOpt = Annotated[
+    str | None, typer.Option("--provider", "-p", help="Provider name (default: GPUBRIDGE_PROVIDER or 'local').")
+]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", help="TOML config file (default: GPUBRIDGE_CONFIG).")]
+UrlOpt = Annotated[str | None, typer.Option("--url", help="Override the provider's URL (e.g. a ComfyUI server).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON on stdout instead of tables.")]
+
+
+def _exit_code(exc: BaseException) -> int:
+    if isinstance(exc, JobTimeout):
+        return 4
+    if isinstance(exc, (WorkflowError, ConfigError, PayloadTooLarge)):
+        return 2
+    if isinstance(exc, (ProviderError, AuthError)):
+        return 3
+    return 1
+
+
+def _execute(coro_fn: Callable[[], Awaitable[T]], *, as_json: bool = False) -> T:
+    try:
+        return asyncio.run(coro_fn())
+    except GpuBridgeError as exc:
+        if as_json:
+            print(json.dumps({"error": exc.to_dict()}, default=str))
+        else:
+            err.print(f"[bold red]error[/]: {type(exc).__name__}: {exc}", markup=True, highlight=False)
+        raise typer.Exit(_exit_code(exc)) from None
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        raise typer.Exit(130) from None
+
+
+def _runner(provider: str | None, config: Path | None, url: str | None):
+    from .connect import connect
+
+    settings = Settings.load(config)
+    options: dict[str, Any] = {"url": url} if url else {}
+    return connect(provider, settings=settings, **options), settings
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _build_request(
+    workflow: Path, sets: list[str], inputs: list[str], timeout: float | None
+) -> JobRequest:
+    wf = Workflow.load(workflow)
+    for item in sets:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"--set takes NODE.input=VALUE, got {item!r}")
+        wf.set(key.strip(), _parse_value(value))
+    files: dict[str, Any] = {}
+    for item in inputs:
+        name, sep, path = item.partition("=")
+        if not sep:
+            p = Path(item)
+            name, path = p.name, item
+        files[name.strip()] = Path(path.strip()) if not path.strip().startswith(("http://", "https://")) else path
+    return JobRequest(workflow=wf, inputs=files, timeout=timeout)
+
+
+def _describe_event(ev: JobEvent) -> str | None:
+    node = f"node {ev.node_id}" + (f" {ev.node_type}" if ev.node_type else "") if ev.node_id else ""
+    if ev.type is EventType.QUEUED:
+        return "queued" + (f" (position {ev.queue_position})" if ev.queue_position is not None else "")
+    if ev.type is EventType.STARTED:
+        return "running"
+    if ev.type is EventType.EXECUTING:
+        return f"running {node}"
+    if ev.type is EventType.PROGRESS and ev.max:
+        return f"running {node} step {int(ev.value or 0)}/{int(ev.max)}"
+    if ev.type in (EventType.FAILOVER, EventType.RETRYING, EventType.LOG) and ev.message:
+        return ev.message
+    return None
+
+
+def _result_table(result: JobResult, saved: list[Path] | None) -> Table:
+    t = result.timings
+    table = Table(title=f"job {result.job_id} on {result.provider}: {result.state.value}", title_justify="left")
+    table.add_column("node")
+    table.add_column("kind")
+    table.add_column("file")
+    table.add_column("size", justify="right")
+    table.add_column("dims", justify="right")
+    for i, art in enumerate(result.artifacts):
+        where = str(saved[i]) if saved else (art.filename or (art.text or "")[:60])
+        dims = f"{art.width}x{art.height}" if art.width and art.height else ""
+        size = f"{art.size:,} B" if art.size is not None else ""
+        table.add_row(art.node_id, art.kind.value, where, size, dims)
+    parts = []
+    for label, value in (("queued", t.queued_s), ("executing", t.executing_s), ("total", t.total_s),
+                         ("upload", t.upload_s), ("download", t.download_s)):
+        if value is not None:
+            parts.append(f"{label} {value * 1000:.1f} ms" if value < 10 else f"{label} {value:.2f} s")
+    caption = "timings: " + ", ".join(parts)
+    if result.cost is not None:
+        caption += f"; cost ${result.cost.usd:.6f} ({result.cost.basis})"
+    if len(result.attempts) > 1:
+        caption += "; attempts: " + ", ".join(f"{a.provider}={a.outcome}" for a in result.attempts)
+    table.caption = caption
+    table.caption_justify = "left"
+    return table
+
+
+@app.command()
+def run(
+    workflow: Annotated[Path, typer.Argument(help="API-format workflow JSON (ComfyUI: Export (API)).")],
+    provider: ProviderOpt = None,
+    set_: Annotated[list[str], typer.Option("--set", "-s", help="NODE.input=VALUE (node id, title or class); "
+                                            "VALUE is parsed as JSON when it can be.")] = [],  # noqa: B006
+    input_: Annotated[list[str], typer.Option("--input", "-i", help="NAME=PATH: an input file LoadImage "
+                                              "refers to as NAME.")] = [],  # noqa: B006
+    out_dir: Annotated[Path | None, typer.Option("--out", "-o", help="Write artifacts to this folder.")] = None,
+    timeout: Annotated[float | None, typer.Option("--timeout", "-t", help="Job deadline in seconds.")] = None,
+    as_json: JsonOpt = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No live progress.")] = False,
+    config: ConfigOpt = None,
+    url: UrlOpt = None,
+) -> None:
+    """Run a workflow and wait for its outputs, with live progress."""
+    request = _build_request(workflow, set_, input_, timeout)
+
+    async def main() -> JobResult:
+        runner, _ = _runner(provider, config, url)
+        async with runner:
+            show = not quiet and err.is_terminal
+            with Progress(
+                SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
+                console=err, transient=True, disable=not show,
+            ) as bar:
+                task = bar.add_task(f"submitting to {runner.name}", total=None)
+
+                def on_event(ev: JobEvent) -> None:
+                    text = _describe_event(ev)
+                    if text is None:
+                        return
+                    total = completed = None
+                    if ev.type is EventType.PROGRESS and ev.max:
+                        total, completed = ev.max, ev.value
+                    bar.update(task, description=text, total=total, completed=completed or 0)
+                    if not show and not quiet and not as_json and ev.type in (EventType.FAILOVER, EventType.RETRYING):
+                        err.print(text)
+                    if show and ev.type in (EventType.FAILOVER, EventType.RETRYING):
+                        bar.console.print(f"[yellow]{text}[/]")
+
+                return await runner.run(request, on_event=on_event)
+
+    result = _execute(main, as_json=as_json)
+    saved = result.save(out_dir) if out_dir else None
+    if as_json:
+        summary = result.summary()
+        if saved:
+            for art, path in zip(summary["artifacts"], saved, strict=False):
+                art["path"] = str(path)
+        print(json.dumps(summary, indent=2, default=str))
+    else:
+        out.print(_result_table(result, saved))
+        if not out_dir and any(a.data for a in result.artifacts):
+            err.print("(use --out DIR to save the artifacts)")
+
+
+@app.command()
+def submit(
+    workflow: Annotated[Path, typer.Argument(help="API-format workflow JSON.")],
+    provider: ProviderOpt = None,
+    set_: Annotated[list[str], typer.Option("--set", "-s", help="NODE.input=VALUE")] = [],  # noqa: B006
+    input_: Annotated[list[str], typer.Option("--input", "-i", help="NAME=PATH")] = [],  # noqa: B006
+    timeout: Annotated[float | None, typer.Option("--timeout", "-t")] = None,
+    as_json: JsonOpt = False,
+    config: ConfigOpt = None,
+    url: UrlOpt = None,
+) -> None:
+    """Submit a workflow and print its job id without waiting."""
+    request = _build_request(workflow, set_, input_, timeout)
+
+    async def main():
+        runner, _ = _runner(provider, config, url)
+        async with runner:
+            return await runner.submit(request)
+
+    handle = _execute(main, as_json=as_json)
+    if as_json:
+        print(handle.model_dump_json(indent=2))
+    else:
+        print(handle.job_id)
+
+
+def _status_table(st: JobStatus) -> Table:
+    table = Table(show_header=False, title=f"job {st.job_id}", title_justify="left")
+    table.add_row("provider", st.provider)
+    table.add_row("state", st.state.value)
+    if st.queue_position is not None:
+        table.add_row("queue position", str(st.queue_position))
+    if st.progress and st.progress.node_id:
+        step = f" step {st.progress.value:g}/{st.progress.max:g}" if st.progress.max else ""
+        table.add_row("progress", f"node {st.progress.node_id} ({st.progress.node_type}){step}")
+    if st.error:
+        table.add_row("error", f"{st.error.get('type')}: {st.error.get('message')}")
+    return table
+
+
+@app.command()
+def status(
+    job_id: Annotated[str, typer.Argument(help="The job id printed by submit.")],
+    provider: ProviderOpt = None,
+    as_json: JsonOpt = False,
+    config: ConfigOpt = None,
+    url: UrlOpt = None,
+) -> None:
+    """Show a job's state, progress and queue position."""
+
+    async def main():
+        runner, _ = _runner(provider, config, url)
+        async with runner:
+            return await runner.status(job_id)
+
+    st = _execute(main, as_json=as_json)
+    if as_json:
+        print(st.model_dump_json(indent=2))
+    else:
+        out.print(_status_table(st))
+
+
+@app.command()
+def result(
+    job_id: Annotated[str, typer.Argument(help="The job id printed by submit.")],
+    provider: ProviderOpt = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", "-o", help="Write artifacts to this folder.")] = None,
+    timeout: Annotated[float | None, typer.Option("--timeout", "-t", help="Stop waiting after S seconds.")] = None,
+    as_json: JsonOpt = False,
+    config: ConfigOpt = None,
+    url: UrlOpt = None,
+) -> None:
+    """Wait for a submitted job and fetch its outputs."""
+
+    async def main():
+        runner, _ = _runner(provider, config, url)
+        async with runner:
+            return await runner.wait(job_id, timeout=timeout)
+
+    res = _execute(main, as_json=as_json)
+    saved = res.save(out_dir) if out_dir else None
+    if as_json:
+        print(json.dumps(res.summary(), indent=2, default=str))
+    else:
+        out.print(_result_table(res, saved))
+
+
+@app.command()
+def cancel(
+    job_id: Annotated[str, typer.Argument(help="The job id printed by submit.")],
+    provider: ProviderOpt = None,
+    as_json: JsonOpt = False,
+    config: ConfigOpt = None,
+    url: UrlOpt = None,
+) -> None:
+    """Cancel a job: remove it from the queue, or interrupt it if it runs."""
+
+    async def main():
+        runner, _ = _runner(provider, config, url)
+        async with runner:
+            return await runner.cancel(job_id)
+
+    st = _execute(main, as_json=as_json)
+    if as_json:
+        print(st.model_dump_json(indent=2))
+    else:
+        out.print(_status_table(st))
+
+
+@app.command()
+def health(
+    provider: ProviderOpt = None,
+    as_json: JsonOpt = False,
+    config: ConfigOpt = None,
+    url: UrlOpt = None,
+) -> None:
+    """Check the provider's health (and that of its fallbacks, when configured)."""
+
+    async def main():
+        runner, _ = _runner(provider, config, url)
+        async with runner:
+            return await runner.health()
+
+    report = _execute(main, as_json=as_json)
+    if as_json:
+        print(report.model_dump_json(indent=2))
+        raise typer.Exit(0 if report.ok else 3)
+    table = Table(title=f"health of {report.provider}", title_justify="left", show_header=False)
+    colour = {"healthy": "green", "degraded": "yellow"}.get(report.state.value, "red")
+    table.add_row("state", f"[{colour}]{report.state.value}[/]")
+    for label, value in (("message", report.message), ("latency", f"{report.latency_ms} ms" if report.latency_ms
+                         is not None else None), ("version", report.version), ("queue depth", report.queue_depth),
+                         ("running", report.running), ("workers", report.workers)):
+        if value is not None:
+            table.add_row(label, str(value))
+    for key, value in report.details.items():
+        if key in ("components",):
+            continue
+        table.add_row(key, json.dumps(value, default=str) if isinstance(value, (dict, list)) else str(value))
+    out.print(table)
+    components = report.details.get("components")
+    if isinstance(components, list) and components:
+        sub = Table(title="components", title_justify="left")
+        for col in ("provider", "state", "circuit", "message"):
+            sub.add_column(col)
+        for c in components:
+            sub.add_row(str(c.get("provider")), str(c.get("state")), str(c.get("circuit", "")), str(c.get("message") or ""))
+        out.print(sub)
+    if not report.ok:
+        raise typer.Exit(3)
+
+
+@app.command()
+def providers(as_json: JsonOpt = False) -> None:
+    """List the registered providers, where each comes from, and plugins that failed to load."""
+    registry = get_registry()
+    specs = registry.providers()
+    failures = registry.failures
+    if as_json:
+        print(json.dumps({
+            "providers": [{"name": s.name, "source": s.source, "plugin": s.plugin, "description": s.description}
+                          for s in specs.values()],
+            "failures": [{"plugin": f.plugin, "source": f.source, "error": f.error} for f in failures],
+        }, indent=2))
+        return
+    table = Table(title="providers", title_justify="left")
+    table.add_column("name", style="bold")
+    table.add_column("source")
+    table.add_column("description")
+    for spec in specs.values():
+        table.add_row(spec.name, spec.source, spec.description)
+    out.print(table)
+    if failures:
+        bad = Table(title="plugins that failed to load", title_justify="left")
+        bad.add_column("plugin")
+        bad.add_column("source")
+        bad.add_column("error", style="red")
+        for f in failures:
+            bad.add_row(f.plugin, f.source, f.error)
+        out.print(bad)
+
+
+@testing_app.command("comfy")
+def testing_comfy(
+    host: Annotated[str, typer.Option(help="Interface to listen on (loopback by default).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port (0 picks a free one).")] = 8188,
+    root: Annotated[Path | None, typer.Option(help="Folder for input/, output/ and temp/ (default: a temp dir).")]
+    = None,
+    node_delay: Annotated[float, typer.Option(help="Seconds each node takes (slow execution).")] = 0.0,
+) -> None:
+    """Serve the ComfyUI test double (ComfyUI's HTTP and websocket API, placeholder outputs)."""
+    try:
+        from .testing import serve
+    except ImportError as exc:  # aiohttp/pillow missing
+        err.print(f"The test double needs the 'testing' extra: pip install 'gpubridge[testing]' ({exc})")
+        raise typer.Exit(2) from None
+    serve(host=host, port=port, root=root, node_delay=node_delay)
+
+
+def main(argv: list[str] | None = None) -> None:
+    get_registry().call_commands(app)
+    app(args=argv, prog_name="gpubridge")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main(sys.argv[1:])

@@ -1,0 +1,1147 @@
+"""The ComfyUI client: one HTTP connection pool and one websocket per client, shared by all its jobs.
+
+``ComfyClient`` is the only ComfyUI client in gpubridge: the local provider, the Modal app and the RunPod
+worker all use it. Per job it uploads inputs (content-addressed, so concurrent jobs never collide), gives
+outputs a per-job filename prefix, validates the prompt against a cached ``/object_info`` (so a broken
+workflow fails before it is queued), queues it with our ``client_id`` and a prompt id we choose, and
+follows it on the websocket. The completion signal is ``executing`` with ``node: null``; outputs come
+from the ``executed`` frames, or from ``/history`` when the socket dropped during the job. A dropped
+socket is reconnected with backoff and every unfinished job is reconciled against ``/history`` and
+``/queue``. A job's deadline interrupts it (if running) or removes it from the queue (if pending).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+from urllib.parse import urlencode, urlsplit
+
+import httpx
+import imagesize
+import websockets
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential_jitter
+from websockets.asyncio.client import ClientConnection
+from websockets.asyncio.client import connect as ws_connect
+
+from ..errors import (
+    AuthError,
+    GpuBridgeError,
+    JobCancelled,
+    JobError,
+    JobNotFound,
+    JobTimeout,
+    PayloadTooLarge,
+    ProtocolError,
+    ProviderUnavailable,
+    RateLimited,
+    WorkflowInvalid,
+)
+from ..models import (
+    Artifact,
+    ArtifactKind,
+    EventType,
+    HealthReport,
+    HealthState,
+    InputFile,
+    JobEvent,
+    JobResult,
+    JobState,
+    JobStatus,
+    Progress,
+    Timings,
+)
+from ..runner import EventStream
+from . import protocol
+from .validate import validate_prompt
+
+__all__ = ["ComfyClient", "ComfyJob", "unreachable_message"]
+
+log = logging.getLogger("gpubridge.comfy")
+
+_MAX_WS_FRAME = 256 * 1024 * 1024
+
+
+def unreachable_message(url: str, reason: str) -> str:
+    return (
+        f"Cannot reach ComfyUI at {url} ({reason}). Start ComfyUI there "
+        f"(in your ComfyUI folder: python main.py --listen 127.0.0.1 --port {urlsplit(url).port or 8188}), "
+        "or run the test double with `gpubridge testing comfy`, or point GPUBRIDGE_COMFY_URL at a running "
+        "server."
+    )
+
+
+class ComfyJob:
+    """One prompt queued on a ComfyUI server, followed through the client's websocket."""
+
+    __slots__ = (
+        "client",
+        "prompt_id",
+        "prompt",
+        "number",
+        "state",
+        "submitted_at",
+        "started_at",
+        "finished_at",
+        "upload_s",
+        "deadline",
+        "epoch",
+        "outputs",
+        "ws_images",
+        "error",
+        "interrupted",
+        "cancel_requested",
+        "timed_out",
+        "timeout_state",
+        "lost",
+        "current_node",
+        "progress_value",
+        "progress_max",
+        "nodes_done",
+        "nodes_total",
+        "done",
+        "stream",
+        "_timer",
+        "tags",
+    )
+
+    def __init__(self, client: ComfyClient, prompt_id: str, prompt: dict[str, Any], deadline: float | None):
+        self.client = client
+        self.prompt_id = prompt_id
+        self.prompt = prompt
+        self.number: int | float | None = None
+        self.state = JobState.QUEUED
+        self.submitted_at = time.time()
+        self.started_at: float | None = None
+        self.finished_at: float | None = None
+        self.upload_s: float | None = None
+        self.deadline = deadline  # loop time
+        self.epoch = client._epoch
+        self.outputs: dict[str, Any] = {}
+        self.ws_images: list[Artifact] = []
+        self.error: dict[str, Any] | None = None
+        self.interrupted: dict[str, Any] | None = None
+        self.cancel_requested = False
+        self.timed_out = False
+        self.timeout_state: JobState | None = None
+        self.lost: str | None = None
+        self.current_node: str | None = None
+        self.progress_value: float | None = None
+        self.progress_max: float | None = None
+        self.nodes_done = 0
+        self.nodes_total = len(prompt)
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.stream = EventStream()
+        self._timer: asyncio.TimerHandle | None = None
+        self.tags: dict[str, Any] = {}
+
+    # -- views
+
+    @property
+    def finished(self) -> bool:
+        return self.done.done()
+
+    def class_type(self, node_id: str | None) -> str | None:
+        node = self.prompt.get(node_id) if node_id is not None else None
+        return node.get("class_type") if isinstance(node, Mapping) else None
+
+    def progress(self) -> Progress:
+        return Progress(
+            node_id=self.current_node,
+            node_type=self.class_type(self.current_node),
+            value=self.progress_value,
+            max=self.progress_max,
+            nodes_done=self.nodes_done,
+            nodes_total=self.nodes_total,
+        )
+
+    def status(self) -> JobStatus:
+        err = self.exception()
+        return JobStatus(
+            job_id=self.prompt_id,
+            provider=self.client.provider,
+            state=self.state,
+            progress=self.progress() if self.state is JobState.RUNNING else None,
+            error=err.to_dict() if isinstance(err, GpuBridgeError) else None,
+        )
+
+    def exception(self) -> GpuBridgeError | None:
+        """The typed error this job ended with, or None (running, or succeeded)."""
+        provider = self.client.provider
+        if self.state is JobState.FAILED:
+            if self.error is not None:
+                return protocol.execution_error(
+                    self.error, job_id=self.prompt_id, provider=provider, class_type_of=self.class_type
+                )
+            return ProviderUnavailable(
+                self.lost or "ComfyUI lost the job", provider=provider
+            )
+        if self.state is JobState.TIMED_OUT:
+            return JobTimeout(
+                f"Job {self.prompt_id} passed its deadline while {self.timeout_state or 'running'} and was "
+                "cancelled",
+                job_id=self.prompt_id,
+                provider=provider,
+                state=str(self.timeout_state or JobState.RUNNING),
+                cancelled=True,
+            )
+        if self.state is JobState.CANCELLED:
+            return JobCancelled(f"Job {self.prompt_id} was cancelled", job_id=self.prompt_id, provider=provider)
+        return None
+
+    # -- internal transitions (called by the client)
+
+    def _emit(self, type: EventType, **fields: Any) -> None:
+        self.stream.publish(JobEvent(type=type, job_id=self.prompt_id, provider=self.client.provider, **fields))
+
+    def _finish(self, state: JobState, message: str | None = None) -> None:
+        if self.done.done():
+            return
+        if state is JobState.CANCELLED and self.timed_out:
+            state = JobState.TIMED_OUT
+        self.state = state
+        self.finished_at = time.time()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        event = {
+            JobState.SUCCEEDED: EventType.SUCCEEDED,
+            JobState.FAILED: EventType.FAILED,
+            JobState.CANCELLED: EventType.CANCELLED,
+            JobState.TIMED_OUT: EventType.TIMED_OUT,
+        }[state]
+        err = self.exception()
+        self._emit(
+            event,
+            message=message or (str(err) if err else None),
+            data={"error": err.to_dict()} if err else {},
+        )
+        self.done.set_result(None)
+
+    # -- public
+
+    async def wait(self, timeout: float | None = None) -> None:
+        """Wait until the job is finished (any terminal state). ``timeout`` only bounds the wait."""
+        if not self.done.done():
+            if timeout is None:
+                await asyncio.shield(self.done)
+            else:
+                try:
+                    await asyncio.wait_for(asyncio.shield(self.done), timeout)
+                except TimeoutError:
+                    raise JobTimeout(
+                        f"Stopped waiting for job {self.prompt_id} after {timeout:g}s; it is still "
+                        f"{self.state.value}",
+                        job_id=self.prompt_id,
+                        provider=self.client.provider,
+                        state=self.state.value,
+                        cancelled=False,
+                    ) from None
+
+    async def cancel(self) -> JobStatus:
+        return await self.client.cancel(self)
+
+    def events(self) -> AsyncIterator[JobEvent]:
+        return self.stream.subscribe()
+
+    def __repr__(self) -> str:
+        return f"<ComfyJob {self.prompt_id} {self.state.value}>"
+
+
+def _is_transient(exc: BaseException) -> bool:
+    return isinstance(exc, (OSError, websockets.exceptions.InvalidHandshake, TimeoutError, ProviderUnavailable))
+
+
+class ComfyClient:
+    """An async client for one ComfyUI server.
+
+    ``output_prefix`` is a template for the per-job output folder (``{job}`` is a short job token);
+    ``None`` leaves ``filename_prefix`` inputs alone. ``validate`` checks prompts against the server's
+    ``/object_info`` (fetched once) before queueing them; partly valid prompts, which ComfyUI would run
+    with some outputs silently dropped, are refused unless ``allow_partial`` is set.
+    """
+
+    def __init__(
+        self,
+        url: str = "http://127.0.0.1:8188",
+        *,
+        provider: str = "comfy",
+        client_id: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        http: httpx.AsyncClient | None = None,
+        timeout: float = 30.0,
+        connect_timeout: float = 5.0,
+        output_prefix: str | None = "gpubridge/{job}",
+        validate: bool = True,
+        allow_partial: bool = False,
+        include_temp_outputs: bool = False,
+        reconnect_timeout: float = 15.0,
+        cancel_wait: float = 30.0,
+        ping_interval: float | None = 20.0,
+        max_connections: int = 64,
+    ):
+        self.url = url.rstrip("/")
+        self.provider = provider
+        self.client_id = client_id or uuid.uuid4().hex
+        self.output_prefix = output_prefix
+        self.validate = validate
+        self.allow_partial = allow_partial
+        self.include_temp_outputs = include_temp_outputs
+        self.reconnect_timeout = reconnect_timeout
+        self.cancel_wait = cancel_wait
+        self.ping_interval = ping_interval
+        self.connect_timeout = connect_timeout
+        self._headers = dict(headers or {})
+        self._own_http = http is None
+        self._http = http or httpx.AsyncClient(
+            base_url=self.url,
+            headers=self._headers,
+            timeout=httpx.Timeout(timeout, connect=connect_timeout),
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+            trust_env=False,
+        )
+        split = urlsplit(self.url)
+        scheme = "wss" if split.scheme == "https" else "ws"
+        self._ws_url = f"{scheme}://{split.netloc}{split.path}/ws?clientId={self.client_id}"
+        self._ws: ClientConnection | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._start_lock: asyncio.Lock | None = None
+        self._jobs: dict[str, ComfyJob] = {}
+        self._running_prompt: str | None = None
+        self._epoch = 0
+        self._closed = False
+        self._object_info: dict[str, Any] | None = None
+        self._object_info_lock: asyncio.Lock | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+        self.feature_flags: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------------------------------ lifecycle
+
+    @property
+    def connected(self) -> bool:
+        return self._ws is not None and self._reader is not None and not self._reader.done()
+
+    async def start(self) -> None:
+        """Open the websocket (idempotent). Raises ProviderUnavailable quickly when nothing listens."""
+        if self.connected:
+            return
+        if self._closed:
+            raise RuntimeError("ComfyClient is closed")
+        if self._start_lock is None:
+            self._start_lock = asyncio.Lock()
+        async with self._start_lock:
+            if self.connected:
+                return
+            self._ws = await self._connect_ws()
+            self._reader = asyncio.create_task(self._read_loop(), name=f"comfy-ws-{self.client_id[:8]}")
+
+    async def _connect_ws(self) -> ClientConnection:
+        try:
+            ws = await ws_connect(
+                self._ws_url,
+                additional_headers=self._headers or None,
+                compression=None,
+                max_size=_MAX_WS_FRAME,
+                max_queue=None,
+                open_timeout=self.connect_timeout,
+                ping_interval=self.ping_interval,
+                ping_timeout=self.ping_interval,
+                proxy=None,
+                user_agent_header="gpubridge",
+            )
+        except websockets.exceptions.InvalidStatus as exc:
+            code = exc.response.status_code
+            if code in (401, 403):
+                raise AuthError(
+                    f"ComfyUI at {self.url} refused the websocket (HTTP {code})", provider=self.provider
+                ) from None
+            raise ProviderUnavailable(
+                f"ComfyUI at {self.url} refused the websocket (HTTP {code})",
+                provider=self.provider,
+                status_code=code,
+            ) from None
+        except (OSError, TimeoutError, websockets.exceptions.InvalidHandshake) as exc:
+            reason = "connection refused" if isinstance(exc, ConnectionRefusedError) else _short(exc)
+            raise ProviderUnavailable(unreachable_message(self.url, reason), provider=self.provider) from None
+        # The first frame is always a status frame with our sid: the socket is registered once it arrives.
+        try:
+            first = await asyncio.wait_for(ws.recv(), self.connect_timeout)
+        except Exception as exc:
+            await ws.close()
+            raise ProviderUnavailable(
+                f"ComfyUI at {self.url} opened the websocket but sent nothing ({_short(exc)})",
+                provider=self.provider,
+            ) from None
+        self._epoch += 1
+        if isinstance(first, str):
+            self._on_text(first)
+        return ws
+
+    async def aclose(self) -> None:
+        self._closed = True
+        for task in list(self._background):
+            task.cancel()
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._reader
+        if self._ws is not None:
+            with contextlib.suppress(Exception):
+                await self._ws.close()
+        for job in self._jobs.values():
+            if job._timer is not None:
+                job._timer.cancel()
+        if self._own_http:
+            await self._http.aclose()
+
+    async def __aenter__(self) -> ComfyClient:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro, name=name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    # ----------------------------------------------------------------------------------------------- HTTP
+
+    async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            resp = await self._http.request(method, path, **kwargs)
+        except httpx.ConnectError as exc:
+            reason = "connection refused" if "refused" in str(exc).lower() else _short(exc)
+            raise ProviderUnavailable(unreachable_message(self.url, reason), provider=self.provider) from None
+        except httpx.TimeoutException as exc:
+            raise ProviderUnavailable(
+                f"ComfyUI at {self.url} timed out on {method} {path} ({type(exc).__name__})",
+                provider=self.provider,
+            ) from None
+        except httpx.TransportError as exc:
+            raise ProviderUnavailable(
+                f"ComfyUI at {self.url} dropped {method} {path} ({_short(exc)})", provider=self.provider
+            ) from None
+        code = resp.status_code
+        if code < 400 or code == 400 and path.endswith("/prompt"):
+            return resp
+        if code in (401, 403):
+            raise AuthError(f"ComfyUI at {self.url} answered {code} to {method} {path}", provider=self.provider)
+        if code == 413:
+            raise PayloadTooLarge(f"ComfyUI at {self.url} refused {path}: payload too large", provider=self.provider)
+        if code == 429:
+            raise RateLimited(
+                f"ComfyUI at {self.url} is rate limiting", provider=self.provider, retry_after=_retry_after(resp)
+            )
+        if code >= 500:
+            raise ProviderUnavailable(
+                f"ComfyUI at {self.url} answered {code} to {method} {path}: {resp.text[:200]}",
+                provider=self.provider,
+                status_code=code,
+            )
+        raise ProtocolError(
+            f"ComfyUI at {self.url} answered {code} to {method} {path}", provider=self.provider, status_code=code
+        )
+
+    async def _get_json(self, path: str, **kwargs: Any) -> Any:
+        resp = await self._request("GET", path, **kwargs)
+        try:
+            return resp.json()
+        except ValueError:
+            raise ProtocolError(
+                f"ComfyUI at {self.url} sent malformed JSON for GET {path}", provider=self.provider
+            ) from None
+
+    async def system_stats(self) -> dict[str, Any]:
+        return await self._get_json("/system_stats")
+
+    async def queue(self) -> dict[str, Any]:
+        return await self._get_json("/queue")
+
+    async def history(self, prompt_id: str) -> dict[str, Any] | None:
+        """The history entry of one prompt, or None while it is queued/running or unknown."""
+        data = await self._get_json(f"/history/{prompt_id}")
+        return data.get(prompt_id) if isinstance(data, Mapping) else None
+
+    async def object_info(self, *, refresh: bool = False) -> dict[str, Any]:
+        """``GET /object_info``, fetched once and cached (pass ``refresh`` after installing nodes/models)."""
+        if self._object_info is not None and not refresh:
+            return self._object_info
+        if self._object_info_lock is None:
+            self._object_info_lock = asyncio.Lock()
+        async with self._object_info_lock:
+            if self._object_info is None or refresh:
+                self._object_info = await self._get_json("/object_info")
+        return self._object_info
+
+    async def view(self, filename: str, subfolder: str = "", type: str = "output") -> tuple[bytes, str | None]:
+        resp = await self._request("GET", "/view", params={"filename": filename, "subfolder": subfolder, "type": type})
+        return resp.content, resp.headers.get("content-type")
+
+    def view_url(self, ref: protocol.OutputRef) -> str:
+        return f"{self.url}/view?{urlencode(ref.view_params())}"
+
+    async def upload_image(
+        self, data: bytes, filename: str, *, subfolder: str = "", type: str = "input", overwrite: bool = False
+    ) -> dict[str, Any]:
+        """``POST /upload/image``; returns ``{"name", "subfolder", "type"}``."""
+        form = {"type": type, "subfolder": subfolder, "overwrite": "true" if overwrite else "false"}
+        resp = await self._request("POST", "/upload/image", data=form, files={"image": (filename, data)})
+        if resp.status_code != 200:
+            raise ProtocolError(f"Upload of {filename!r} failed with HTTP {resp.status_code}", provider=self.provider)
+        return resp.json()
+
+    async def interrupt(self, prompt_id: str | None = None) -> None:
+        """Interrupt ``prompt_id`` if it is the running prompt (never another one). Without an id: whatever
+        runs."""
+        await self._request("POST", "/interrupt", json={"prompt_id": prompt_id} if prompt_id else None)
+
+    async def delete_queued(self, prompt_ids: list[str]) -> None:
+        await self._request("POST", "/queue", json={"delete": prompt_ids})
+
+    async def free(self, *, unload_models: bool = False, free_memory: bool = True) -> None:
+        await self._request("POST", "/free", json={"unload_models": unload_models, "free_memory": free_memory})
+
+    # ----------------------------------------------------------------------------------------- submitting
+
+    def job(self, prompt_id: str) -> ComfyJob | None:
+        return self._jobs.get(prompt_id)
+
+    def forget(self, prompt_id: str) -> None:
+        """Drop a finished job's record (the provider calls this once its result is delivered)."""
+        job = self._jobs.get(prompt_id)
+        if job is not None and job.finished:
+            del self._jobs[prompt_id]
+
+    async def submit(
+        self,
+        prompt: Mapping[str, Any],
+        *,
+        inputs: Mapping[str, InputFile | bytes] | None = None,
+        timeout: float | None = None,
+        prompt_id: str | None = None,
+        extra_data: Mapping[str, Any] | None = None,
+        validate: bool | None = None,
+        front: bool = False,
+    ) -> ComfyJob:
+        """Upload inputs, validate and queue ``prompt``; return the job once ComfyUI has accepted it.
+
+        ``timeout`` is the job's deadline in seconds from now: when it passes, the job is removed from the
+        queue or interrupted and ends as TIMED_OUT.
+        """
+        if not self.connected:
+            await self.start()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout if timeout else None
+        prompt_id = prompt_id or str(uuid.uuid4())
+        t0 = time.perf_counter()
+        input_paths = await self._upload_inputs(inputs) if inputs else {}
+        upload_s = time.perf_counter() - t0 if inputs else None
+        prefix = self.output_prefix.format(job=prompt_id.replace("-", "")[:12]) if self.output_prefix else None
+        sent = protocol.prepare_prompt(prompt, output_prefix=prefix, input_paths=input_paths)
+        if validate if validate is not None else self.validate:
+            await self._validate(sent, set(input_paths.values()))
+
+        job = ComfyJob(self, prompt_id, sent, deadline)
+        job.upload_s = upload_s
+        self._jobs[prompt_id] = job  # before POST: its first frames can arrive before the response
+        job._emit(EventType.QUEUED)
+        body: dict[str, Any] = {"prompt": sent, "client_id": self.client_id, "prompt_id": prompt_id}
+        if extra_data:
+            body["extra_data"] = dict(extra_data)
+        if front:
+            body["front"] = True
+        try:
+            resp = await self._request("POST", "/prompt", content=_dumps(body), headers=_JSON)
+            data = _json_body(resp, "POST /prompt", self)
+            if resp.status_code == 400:
+                raise protocol.validation_error(data, provider=self.provider)
+            if data.get("node_errors"):
+                # Accepted, but some outputs were dropped. Never deliver a partial job silently.
+                if not self.allow_partial:
+                    await self._remove(prompt_id)
+                    raise protocol.validation_error(
+                        {"error": {"type": "prompt_outputs_failed_validation",
+                                   "message": "Prompt outputs failed validation"},
+                         "node_errors": data["node_errors"]},
+                        provider=self.provider,
+                    )
+                job.tags["node_errors"] = data["node_errors"]
+        except BaseException:
+            job = self._jobs.pop(prompt_id, job)
+            if job._timer is not None:
+                job._timer.cancel()
+            raise
+        job.number = data.get("number")
+        if deadline is not None and not job.finished:
+            job._timer = loop.call_at(deadline, self._on_deadline, job)
+        return job
+
+    async def _upload_inputs(self, inputs: Mapping[str, InputFile | bytes]) -> dict[str, str]:
+        async def one(name: str, item: InputFile | bytes) -> tuple[str, str]:
+            data = item if isinstance(item, bytes) else item.data
+            if data is None:
+                data = await self._fetch_url(item.url)  # type: ignore[union-attr]
+            info = await self.upload_image(data, protocol.input_upload_name(name, data), subfolder="gpubridge")
+            sub = info.get("subfolder") or ""
+            return name, f"{sub}/{info['name']}" if sub else info["name"]
+
+        pairs = await asyncio.gather(*(one(n, i) for n, i in inputs.items()))
+        return dict(pairs)
+
+    async def _fetch_url(self, url: str | None) -> bytes:
+        if not url:
+            raise ProtocolError("input has neither data nor url")
+        async with httpx.AsyncClient(timeout=60.0, follow_redirects=True) as http:
+            try:
+                resp = await http.get(url)
+                resp.raise_for_status()
+            except httpx.HTTPError as exc:
+                from ..errors import WorkflowInputError
+
+                raise WorkflowInputError(f"Cannot download input {url}: {_short(exc)}") from None
+            return resp.content
+
+    async def _validate(self, prompt: Mapping[str, Any], uploaded: set[str]) -> None:
+        info = await self.object_info()
+        result = validate_prompt(prompt, info, file_exists=lambda _path: True)
+        if not result.ok or (result.node_errors and not self.allow_partial):
+            # The cache may predate a node or model installed since: look again before refusing.
+            info = await self.object_info(refresh=True)
+            result = validate_prompt(prompt, info, file_exists=lambda _path: True)
+        if not result.ok or (result.node_errors and not self.allow_partial):
+            error = result.error or {
+                "type": "prompt_outputs_failed_validation",
+                "message": "Prompt outputs failed validation",
+                "details": "",
+                "extra_info": {},
+            }
+            raise WorkflowInvalid(error=error, node_errors=result.node_errors, provider=self.provider)
+
+    async def _remove(self, prompt_id: str) -> None:
+        with contextlib.suppress(GpuBridgeError):
+            await self.delete_queued([prompt_id])
+        with contextlib.suppress(GpuBridgeError):
+            await self.interrupt(prompt_id)
+
+    # ------------------------------------------------------------------------------------------ cancelling
+
+    def _on_deadline(self, job: ComfyJob) -> None:
+        job._timer = None
+        if job.finished:
+            return
+        job.timed_out = True
+        job.timeout_state = job.state
+        self._spawn(self.cancel(job), name=f"comfy-deadline-{job.prompt_id[:8]}")
+
+    async def cancel(self, job: ComfyJob | str) -> JobStatus:
+        """Dequeue the job if pending, interrupt it if running; wait (bounded) until ComfyUI confirms."""
+        if isinstance(job, str):
+            known = self._jobs.get(job)
+            if known is None:
+                await self._remove(job)
+                return await self.remote_status(job)
+            job = known
+        if job.finished:
+            return job.status()
+        job.cancel_requested = True
+        # Both requests are targeted and idempotent: delete only touches pending prompts, and interrupt with
+        # a prompt_id only stops that prompt if it is the one running. Together they cover the race where
+        # the job starts between the two.
+        await self._remove(job.prompt_id)
+        if job.state is JobState.QUEUED and not job.finished:
+            await self._confirm_dequeued(job)
+        if not job.finished:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(job.done), self.cancel_wait)
+        return job.status()
+
+    async def _confirm_dequeued(self, job: ComfyJob) -> None:
+        try:
+            queue = await self.queue()
+        except GpuBridgeError:
+            return
+        ids = {item[1] for key in ("queue_running", "queue_pending") for item in queue.get(key, []) if len(item) > 1}
+        if job.prompt_id in ids or job.finished:
+            return  # it is running now: the interrupt will end it
+        entry = await self.history(job.prompt_id)
+        if entry is not None:
+            self._complete_from_history(job, entry)
+        else:
+            job._finish(JobState.CANCELLED, "removed from the queue")
+
+    # ------------------------------------------------------------------------------------------- websocket
+
+    async def _read_loop(self) -> None:
+        while not self._closed:
+            ws = self._ws
+            assert ws is not None
+            try:
+                async for frame in ws:
+                    if type(frame) is str:
+                        self._on_text(frame)
+                    else:
+                        self._on_binary(frame)
+            except websockets.exceptions.ConnectionClosed:
+                pass
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a frame we could not handle must not kill the reader
+                log.exception("ComfyUI websocket reader error")
+            if self._closed:
+                return
+            log.warning("websocket to %s dropped; reconnecting", self.url)
+            try:
+                self._ws = await self._reconnect()
+            except Exception as exc:
+                self._ws = None
+                self._fail_all(f"ComfyUI at {self.url} went away and did not come back ({_short(exc)})")
+                return
+            await self._reconcile()
+
+    async def _reconnect(self) -> ClientConnection:
+        async for attempt in AsyncRetrying(
+            wait=wait_exponential_jitter(initial=0.05, max=2.0),
+            stop=stop_after_delay(self.reconnect_timeout),
+            retry=retry_if_exception(_is_transient),
+            reraise=True,
+        ):
+            with attempt:
+                return await self._connect_ws()
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _reconcile(self) -> None:
+        """After a reconnect: collect jobs that finished while we were away, fail the ones ComfyUI lost."""
+        pending = [j for j in self._jobs.values() if not j.finished]
+        if not pending:
+            return
+
+        async def check(job: ComfyJob) -> None:
+            try:
+                entry = await self.history(job.prompt_id)
+                if entry is not None:
+                    self._complete_from_history(job, entry)
+                    return
+                queue = await self.queue()
+                running = {i[1] for i in queue.get("queue_running", []) if len(i) > 1}
+                queued = {i[1] for i in queue.get("queue_pending", []) if len(i) > 1}
+                if job.prompt_id in running or job.prompt_id in queued:
+                    if job.prompt_id in running and job.state is JobState.QUEUED:
+                        self._start(job)
+                    return
+                entry = await self.history(job.prompt_id)
+                if entry is not None:
+                    self._complete_from_history(job, entry)
+                elif job.cancel_requested:
+                    job._finish(JobState.CANCELLED, "removed from the queue")
+                else:
+                    job.lost = f"ComfyUI at {self.url} lost job {job.prompt_id} (server restarted?)"
+                    job._finish(JobState.FAILED)
+            except GpuBridgeError as exc:
+                log.warning("could not reconcile job %s: %s", job.prompt_id, exc)
+
+        await asyncio.gather(*(check(j) for j in pending))
+
+    def _fail_all(self, reason: str) -> None:
+        for job in list(self._jobs.values()):
+            if not job.finished:
+                job.lost = reason
+                job._finish(JobState.FAILED)
+
+    def _complete_from_history(self, job: ComfyJob, entry: Mapping[str, Any]) -> None:
+        if job.finished:
+            return
+        outcome = protocol.history_outcome(entry)
+        job.outputs = dict(outcome.outputs)
+        job.epoch = self._epoch  # outputs now come from history: complete
+        if job.started_at is None and outcome.start_ms:
+            job.started_at = outcome.start_ms / 1000
+        if outcome.status == "error":
+            job.error = dict(outcome.error or {"exception_message": "ComfyUI reported an error"})
+            job._finish(JobState.FAILED)
+        elif outcome.status == "interrupted":
+            job.interrupted = dict(outcome.interrupted or {})
+            job._finish(JobState.CANCELLED)
+        else:
+            job._finish(JobState.SUCCEEDED)
+
+    def _start(self, job: ComfyJob) -> None:
+        if job.state is JobState.QUEUED:
+            job.state = JobState.RUNNING
+            job.started_at = time.time()
+            job._emit(EventType.STARTED)
+
+    def _on_text(self, text: str) -> None:
+        try:
+            msg = json.loads(text)
+            mtype = msg["type"]
+            data = msg["data"]
+        except (ValueError, KeyError, TypeError):
+            log.debug("ignoring malformed websocket frame: %.200s", text)
+            return
+        if mtype == "status" or mtype == "progress_state" or mtype == "crystools.monitor":
+            if mtype == "progress_state":
+                job = self._jobs.get(data.get("prompt_id"))
+                if job is not None:
+                    nodes = data.get("nodes") or {}
+                    job.nodes_done = sum(1 for n in nodes.values() if n.get("state") == "finished")
+            return
+        if mtype == "feature_flags":
+            self.feature_flags = dict(data)
+            return
+        prompt_id = data.get("prompt_id") if isinstance(data, Mapping) else None
+        if prompt_id is None and mtype in ("executing", "progress"):
+            prompt_id = self._running_prompt
+        job = self._jobs.get(prompt_id) if prompt_id else None
+        if mtype == "execution_start":
+            self._running_prompt = prompt_id
+            if job is not None:
+                self._start(job)
+            return
+        if job is None or job.finished:
+            return
+        if mtype == "executing":
+            node = data.get("node")
+            if node is None:
+                if self._running_prompt == prompt_id:
+                    self._running_prompt = None
+                self._settle(job)
+                return
+            self._start(job)
+            job.current_node = node
+            job.progress_value = job.progress_max = None
+            job._emit(EventType.EXECUTING, node_id=node, node_type=job.class_type(node))
+        elif mtype == "progress":
+            node = data.get("node") or job.current_node
+            job.progress_value = data.get("value")
+            job.progress_max = data.get("max")
+            job._emit(
+                EventType.PROGRESS,
+                node_id=node,
+                node_type=job.class_type(node),
+                value=job.progress_value,
+                max=job.progress_max,
+            )
+        elif mtype == "executed":
+            node = data.get("node")
+            output = data.get("output") or {}
+            if node is not None:
+                job.outputs[str(node)] = output
+            job._emit(EventType.EXECUTED, node_id=node, node_type=job.class_type(node), data={"output": output})
+        elif mtype == "execution_cached":
+            nodes = data.get("nodes") or []
+            if nodes:
+                job._emit(EventType.CACHED, data={"nodes": nodes})
+        elif mtype == "execution_error":
+            job.error = dict(data)
+        elif mtype == "execution_interrupted":
+            job.interrupted = dict(data)
+        elif mtype == "execution_success":
+            pass  # not a completion signal: the history entry may not exist yet
+
+    def _settle(self, job: ComfyJob) -> None:
+        if job.error is not None:
+            job._finish(JobState.FAILED)
+        elif job.interrupted is not None:
+            job._finish(JobState.CANCELLED)
+        elif job.epoch != self._epoch:
+            # The socket dropped during the job: the executed frames may be incomplete.
+            self._spawn(self._settle_from_history(job), name=f"comfy-history-{job.prompt_id[:8]}")
+        else:
+            job._finish(JobState.SUCCEEDED)
+
+    async def _settle_from_history(self, job: ComfyJob) -> None:
+        try:
+            entry = await self.history(job.prompt_id)
+        except GpuBridgeError as exc:
+            job.lost = f"could not read the history of job {job.prompt_id}: {exc}"
+            job._finish(JobState.FAILED)
+            return
+        if entry is None:
+            job.lost = f"ComfyUI reported job {job.prompt_id} done but has no history for it"
+            job._finish(JobState.FAILED)
+        else:
+            self._complete_from_history(job, entry)
+
+    def _on_binary(self, frame: bytes) -> None:
+        decoded = protocol.decode_binary_frame(frame)
+        prompt_id = decoded.prompt_id or self._running_prompt
+        job = self._jobs.get(prompt_id) if prompt_id else None
+        if job is None or job.finished:
+            return
+        node = decoded.node_id or job.current_node
+        if decoded.is_image:
+            if job.class_type(node) == "SaveImageWebsocket":
+                job.ws_images.append(_artifact(node or "", decoded.data, decoded.mime_type, None, ws=True))
+            job._emit(
+                EventType.PREVIEW,
+                node_id=node,
+                node_type=job.class_type(node),
+                image=decoded.data,
+                data={"mime_type": decoded.mime_type},
+            )
+        elif decoded.event == protocol.BINARY_TEXT:
+            job._emit(EventType.LOG, node_id=node, message=decoded.text)
+
+    # ------------------------------------------------------------------------------------------- results
+
+    async def collect(self, job: ComfyJob, *, download: bool = True) -> JobResult:
+        """The result of a finished job: its artifacts (downloaded through ``/view``) and timings.
+
+        Raises the job's typed error if it did not succeed.
+        """
+        if not job.finished:
+            await job.wait()
+        err = job.exception()
+        if err is not None:
+            raise err
+        outputs = job.outputs
+        refs = protocol.output_refs(outputs, include_temp=self.include_temp_outputs)
+        t0 = time.perf_counter()
+        artifacts: list[Artifact]
+        if download and refs:
+            artifacts = list(await asyncio.gather(*(self._download(r) for r in refs)))
+        else:
+            artifacts = [
+                Artifact(
+                    node_id=r.node_id, kind=r.kind, filename=r.filename, subfolder=r.subfolder, type=r.type,
+                    mime_type=r.mime_type, url=self.view_url(r),
+                )
+                for r in refs
+            ]
+        download_s = time.perf_counter() - t0 if refs and download else None
+        artifacts.extend(job.ws_images)
+        for node_id, text in protocol.text_outputs(outputs):
+            artifacts.append(Artifact(node_id=node_id, kind=ArtifactKind.TEXT, text=text, mime_type="text/plain"))
+        return JobResult(
+            job_id=job.prompt_id,
+            provider=self.provider,
+            artifacts=artifacts,
+            outputs=outputs,
+            timings=_timings(job, download_s),
+            warnings=[f"ComfyUI dropped outputs that failed validation: {sorted(job.tags['node_errors'])}"]
+            if "node_errors" in job.tags
+            else [],
+        )
+
+    async def _download(self, ref: protocol.OutputRef) -> Artifact:
+        data, content_type = await self.view(ref.filename, ref.subfolder, ref.type)
+        mime = (content_type or "").split(";", 1)[0].strip() or ref.mime_type
+        if mime in ("application/octet-stream", "") and ref.mime_type:
+            mime = ref.mime_type
+        art = _artifact(ref.node_id, data, mime, ref, animated=ref.animated)
+        art.url = self.view_url(ref)
+        return art
+
+    async def run(self, prompt: Mapping[str, Any], **kwargs: Any) -> JobResult:
+        """Submit, wait and collect in one call."""
+        job = await self.submit(prompt, **kwargs)
+        try:
+            await job.wait()
+            return await self.collect(job)
+        finally:
+            self.forget(job.prompt_id)
+
+    # -------------------------------------------------------------------------------- status of any prompt
+
+    async def remote_status(self, prompt_id: str) -> JobStatus:
+        """Status of a prompt this client may not have submitted (e.g. from another process)."""
+        job = self._jobs.get(prompt_id)
+        if job is not None:
+            return job.status()
+        entry = await self.history(prompt_id)
+        if entry is not None:
+            outcome = protocol.history_outcome(entry)
+            state = {"success": JobState.SUCCEEDED, "interrupted": JobState.CANCELLED}.get(
+                outcome.status, JobState.FAILED
+            )
+            error = None
+            if outcome.error:
+                error = protocol.execution_error(outcome.error, job_id=prompt_id, provider=self.provider).to_dict()
+            return JobStatus(job_id=prompt_id, provider=self.provider, state=state, error=error)
+        queue = await self.queue()
+        for item in queue.get("queue_running", []):
+            if len(item) > 1 and item[1] == prompt_id:
+                return JobStatus(job_id=prompt_id, provider=self.provider, state=JobState.RUNNING)
+        pending = sorted(
+            (i for i in queue.get("queue_pending", []) if len(i) > 1), key=lambda i: i[0]
+        )
+        for pos, item in enumerate(pending):
+            if item[1] == prompt_id:
+                return JobStatus(
+                    job_id=prompt_id, provider=self.provider, state=JobState.QUEUED, queue_position=pos
+                )
+        raise JobNotFound(
+            f"ComfyUI at {self.url} knows no job {prompt_id} (not queued, running, or in history)",
+            job_id=prompt_id,
+            provider=self.provider,
+        )
+
+    async def queue_position(self, prompt_id: str) -> int | None:
+        queue = await self.queue()
+        pending = sorted((i for i in queue.get("queue_pending", []) if len(i) > 1), key=lambda i: i[0])
+        for pos, item in enumerate(pending):
+            if item[1] == prompt_id:
+                return pos
+        return None
+
+    async def result_of(self, prompt_id: str, *, download: bool = True) -> JobResult:
+        """The result of a finished prompt from ``/history`` (for jobs submitted elsewhere)."""
+        entry = await self.history(prompt_id)
+        if entry is None:
+            status = await self.remote_status(prompt_id)
+            raise JobError(
+                f"Job {prompt_id} is {status.state.value}, not finished", job_id=prompt_id, provider=self.provider
+            )
+        job = ComfyJob(self, prompt_id, _prompt_of(entry), None)
+        self._complete_from_history(job, entry)
+        return await self.collect(job, download=download)
+
+    # -------------------------------------------------------------------------------------------- health
+
+    async def health(self) -> HealthReport:
+        t0 = time.perf_counter()
+        try:
+            stats = await self.system_stats()
+            queue = await self.queue()
+        except GpuBridgeError as exc:
+            return HealthReport(provider=self.provider, state=HealthState.UNHEALTHY, message=str(exc))
+        latency = (time.perf_counter() - t0) * 1000
+        system = stats.get("system", {}) if isinstance(stats, Mapping) else {}
+        devices = stats.get("devices", []) if isinstance(stats, Mapping) else []
+        running = len(queue.get("queue_running", []))
+        pending = len(queue.get("queue_pending", []))
+        return HealthReport(
+            provider=self.provider,
+            state=HealthState.HEALTHY,
+            latency_ms=round(latency, 2),
+            queue_depth=pending,
+            running=running,
+            version=system.get("comfyui_version"),
+            details={
+                "url": self.url,
+                "devices": [
+                    {k: d.get(k) for k in ("name", "type", "vram_total", "vram_free")} for d in devices
+                ],
+                "python": system.get("python_version"),
+                "pytorch": system.get("pytorch_version"),
+                "websocket": self.connected,
+            },
+        )
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+_JSON = {"content-type": "application/json"}
+
+
+def _dumps(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def _json_body(resp: httpx.Response, what: str, client: ComfyClient) -> Any:
+    try:
+        return resp.json()
+    except ValueError:
+        raise ProtocolError(
+            f"ComfyUI at {client.url} sent malformed JSON for {what} (HTTP {resp.status_code})",
+            provider=client.provider,
+        ) from None
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if len(text) < 200 else text[:197] + "..."
+
+
+def _retry_after(resp: httpx.Response) -> float | None:
+    value = resp.headers.get("retry-after")
+    try:
+        return float(value) if value else None
+    except ValueError:
+        return None
+
+
+def _prompt_of(entry: Mapping[str, Any]) -> dict[str, Any]:
+    prompt = entry.get("prompt")
+    if isinstance(prompt, list) and len(prompt) > 2 and isinstance(prompt[2], dict):
+        return prompt[2]
+    return {}
+
+
+def _artifact(
+    node_id: str,
+    data: bytes,
+    mime: str | None,
+    ref: protocol.OutputRef | None,
+    *,
+    animated: bool = False,
+    ws: bool = False,
+) -> Artifact:
+    from ..models import artifact_kind
+
+    kind = artifact_kind(mime, animated=animated)
+    width = height = None
+    if kind in (ArtifactKind.IMAGE, ArtifactKind.ANIMATION):
+        with contextlib.suppress(Exception):
+            w, h = imagesize.get(_BytesReader(data))
+            if w > 0 and h > 0:
+                width, height = w, h
+    return Artifact(
+        node_id=str(node_id),
+        kind=kind,
+        filename=ref.filename if ref else None,
+        subfolder=ref.subfolder if ref else "",
+        type=ref.type if ref else ("websocket" if ws else None),
+        mime_type=mime,
+        data=data,
+        width=width,
+        height=height,
+        size=len(data),
+        metadata={"animated": True} if animated else {},
+    )
+
+
+class _BytesReader:
+    """The minimal file interface imagesize needs, over bytes, without copying."""
+
+    __slots__ = ("_data", "_pos")
+
+    def __init__(self, data: bytes):
+        self._data = memoryview(data)
+        self._pos = 0
+
+    def read(self, n: int = -1) -> bytes:
+        end = len(self._data) if n < 0 else min(len(self._data), self._pos + n)
+        chunk = bytes(self._data[self._pos : end])
+        self._pos = end
+        return chunk
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self._pos, 2: len(self._data)}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+
+def _timings(job: ComfyJob, download_s: float | None) -> Timings:
+    submitted, started, finished = job.submitted_at, job.started_at, job.finished_at
+    return Timings(
+        submitted_at=submitted,
+        started_at=started,
+        finished_at=finished,
+        queued_s=round(started - submitted, 6) if started else None,
+        executing_s=round(finished - started, 6) if started and finished else None,
+        total_s=round((finished or time.time()) - submitted, 6),
+        upload_s=job.upload_s,
+        download_s=download_s,
+    )

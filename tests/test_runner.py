@@ -1,0 +1,138 @@
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from gpubridge.errors import JobFailed, JobTimeout
+from gpubridge.models import EventType, JobEvent, JobRequest, JobState, Workflow
+from gpubridge.runner import EventStream, RunnerWrapper, SyncRunner, as_request
+
+from .fakes import ScriptedRunner
+
+WF = {"1": {"class_type": "EmptyImage", "inputs": {}}, "2": {"class_type": "SaveImage", "inputs": {}}}
+
+
+def ev(t: EventType, job: str = "j") -> JobEvent:
+    return JobEvent(type=t, job_id=job)
+
+
+async def test_event_stream_replays_to_late_subscribers_and_ends_on_terminal():
+    stream = EventStream()
+    stream.publish(ev(EventType.QUEUED))
+    stream.publish(ev(EventType.STARTED))
+    early = stream.subscribe()
+    assert (await early.__anext__()).type is EventType.QUEUED
+    stream.publish(ev(EventType.PROGRESS))
+    stream.publish(ev(EventType.SUCCEEDED))
+    stream.publish(ev(EventType.PROGRESS))  # after terminal: dropped
+    rest = [e.type async for e in early]
+    late = [e.type async for e in stream.subscribe()]
+    assert rest == [EventType.STARTED, EventType.PROGRESS, EventType.SUCCEEDED]
+    assert late == [EventType.QUEUED, EventType.STARTED, EventType.PROGRESS, EventType.SUCCEEDED]
+
+
+async def test_event_stream_wakes_waiting_subscribers():
+    stream = EventStream()
+    got: list[EventType] = []
+
+    async def consume():
+        async for e in stream.subscribe():
+            got.append(e.type)
+
+    task = asyncio.create_task(consume())
+    await asyncio.sleep(0)  # let it block on the empty stream
+    stream.publish(ev(EventType.STARTED))
+    stream.publish(ev(EventType.FAILED))
+    await task
+    assert got == [EventType.STARTED, EventType.FAILED]
+
+
+async def test_event_stream_bounded_retention():
+    stream = EventStream(maxlen=3)
+    for _ in range(10):
+        stream.publish(ev(EventType.PROGRESS))
+    stream.close()
+    assert len([e async for e in stream.subscribe()]) == 3
+
+
+async def test_run_returns_result_and_forwards_events():
+    runner = ScriptedRunner(auto="succeed")
+    seen: list[EventType] = []
+    result = await runner.run(WF, on_event=lambda e: seen.append(e.type))
+    assert result.provider == "fake" and result.artifacts[0].data == b"png"
+    assert seen == [EventType.QUEUED, EventType.STARTED, EventType.SUCCEEDED]
+
+
+async def test_run_cancels_the_remote_job_when_the_caller_is_cancelled():
+    runner = ScriptedRunner()
+    task = asyncio.create_task(runner.run(WF))
+    await runner.submitted.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    (job_id,) = runner.jobs
+    assert runner.cancelled == [job_id]
+    assert runner.jobs[job_id].state is JobState.CANCELLED
+
+
+async def test_run_raises_typed_failure():
+    runner = ScriptedRunner()
+    task = asyncio.create_task(runner.run(WF))
+    await runner.submitted.wait()
+    (job_id,) = runner.jobs
+    runner.fail(job_id, JobFailed("node 3 raised", node_id="3", job_id=job_id))
+    with pytest.raises(JobFailed) as info:
+        await task
+    assert info.value.node_id == "3"
+    assert runner.cancelled == []
+
+
+async def test_wait_timeout_does_not_cancel_but_run_does():
+    runner = ScriptedRunner()
+    handle = await runner.submit(as_request(WF))
+    with pytest.raises(JobTimeout) as info:
+        await runner.wait(handle, timeout=0.01)
+    assert info.value.cancelled is False and info.value.job_may_be_running
+    assert runner.jobs[handle.job_id].state is JobState.QUEUED
+
+
+async def test_wrapper_forwards_everything():
+    inner = ScriptedRunner(auto="succeed")
+    outer = RunnerWrapper(inner)
+    assert outer.name == "fake"
+    handle = await outer.submit(as_request(WF))
+    assert (await outer.status(handle)).state is JobState.SUCCEEDED
+    assert (await outer.wait(handle)).job_id == handle.job_id
+    assert [e.type async for e in outer.events(handle)][-1] is EventType.SUCCEEDED
+    assert (await outer.health()).ok
+    await outer.aclose()
+    assert inner.closed
+
+
+def test_as_request_accepts_workflows_and_fields():
+    req = as_request(Workflow.load(WF), timeout=5)
+    assert isinstance(req, JobRequest) and req.timeout == 5
+    again = as_request(req, tags={"a": "b"})
+    assert again.tags == {"a": "b"} and again.request_id == req.request_id
+
+
+def test_sync_facade_drives_the_same_async_runner():
+    runner = ScriptedRunner(auto="succeed")
+    with SyncRunner(runner) as sync:
+        result = sync.run(WF)
+        assert result.provider == "fake"
+        handle = sync.submit(WF)
+        assert [e.type for e in sync.events(handle)] == [EventType.QUEUED, EventType.STARTED, EventType.SUCCEEDED]
+        assert sync.status(handle).state is JobState.SUCCEEDED
+        assert sync.health().ok
+        # callable from other threads too
+        out: list[str] = []
+        t = threading.Thread(target=lambda: out.append(sync.run(WF).job_id))
+        t.start()
+        t.join()
+        assert out and out[0].startswith("fake-")
+    assert runner.closed
+    with pytest.raises(RuntimeError, match="closed"):
+        sync.status(handle)
