@@ -108,7 +108,7 @@ class Workflow(RootModel[dict[str, dict[str, Any]]]):
             return cls.model_validate(source)
         if isinstance(source, bytes):
             return cls.from_json(source.decode("utf-8"))
-        if isinstance(source, Path) or (isinstance(source, str) and not source.lstrip().startswith("{")):
+        if isinstance(source, Path) or (isinstance(source, str) and not source.lstrip().startswith(("{", "["))):
             path = Path(source)
             try:
                 text = path.read_text(encoding="utf-8")
