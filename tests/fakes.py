@@ -46,15 +46,25 @@ class ScriptedRunner(WorkflowRunner):
         self.closed = False
         self._ids = itertools.count(1)
         self.submitted = asyncio.Event()
+        self.submit_errors: list[GpuBridgeError] = []
+        self.health_state = HealthState.HEALTHY
+        self._new: asyncio.Queue[str] = asyncio.Queue()
+
+    async def next_job(self) -> str:
+        """The id of the next job submitted (waits for it)."""
+        return await self._new.get()
 
     def _emit(self, job: _Job, type: EventType, **kw) -> None:
         job.stream.publish(JobEvent(type=type, job_id=job.id, provider=self.name, **kw))
 
     async def submit(self, request: JobRequest) -> JobHandle:
+        if self.submit_errors:
+            raise self.submit_errors.pop(0)
         job = _Job(f"{self.name}-{next(self._ids)}", request)
         self.jobs[job.id] = job
         self._emit(job, EventType.QUEUED)
         self.submitted.set()
+        self._new.put_nowait(job.id)
         if self.auto == "succeed":
             self.start(job.id)
             self.succeed(job.id)
@@ -114,7 +124,7 @@ class ScriptedRunner(WorkflowRunner):
         return self._get(job).stream.subscribe()
 
     async def health(self) -> HealthReport:
-        return HealthReport(provider=self.name, state=HealthState.HEALTHY)
+        return HealthReport(provider=self.name, state=self.health_state)
 
     async def aclose(self) -> None:
         self.closed = True

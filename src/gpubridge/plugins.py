@@ -56,6 +56,7 @@ PROJECT = "gpubridge"
 ENTRY_POINT_GROUP = "gpubridge"
 DEFAULT_PLUGINS: tuple[str, ...] = (
     "gpubridge.providers.local",
+    "gpubridge.providers.runpod",
 )
 
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -70,6 +71,16 @@ class Hookspecs:
     @hookspec
     def register_commands(self, cli: Any) -> None:
         """Add commands to the ``gpubridge`` CLI (a typer.Typer)."""
+
+    @hookspec
+    def job_outcome(self, outcome: Any) -> None:
+        """Called once per job that went through the resilience layer, with a
+        :class:`gpubridge.resilience.JobOutcome` (state, provider, error, attempts, total_s). Feed metrics
+        (Prometheus, OpenTelemetry) from here; exceptions are logged, never raised."""
+
+    @hookspec
+    def breaker_change(self, provider: str, old: str, new: str) -> None:
+        """Called when a provider's circuit changes state (closed, open, half_open)."""
 
 
 @dataclass(frozen=True)
