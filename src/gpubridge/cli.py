@@ -19,6 +19,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from .cli_models import models_app
+from .cli_shadow import shadow_app
 from .config import Settings
 from .errors import (
     AuthError,
@@ -43,6 +45,8 @@ app = typer.Typer(
 )
 testing_app = typer.Typer(help="Test doubles that serve real protocols on loopback.", no_args_is_help=True)
 app.add_typer(testing_app, name="testing")
+app.add_typer(shadow_app, name="shadow")
+app.add_typer(models_app, name="models")
 
 err = Console(stderr=True, highlight=False)
 out = Console(highlight=False, soft_wrap=True)
@@ -72,7 +76,7 @@ def _execute(coro_fn: Callable[[], Awaitable[T]], *, as_json: bool = False) -> T
         if as_json:
             print(json.dumps({"error": exc.to_dict()}, default=str))
         else:
-            err.print(f"[bold red]error[/]: {type(exc).__name__}: {exc}", markup=True, highlight=False)
+            print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
         raise typer.Exit(_exit_code(exc)) from None
     except KeyboardInterrupt:
         err.print("interrupted")
@@ -172,9 +176,9 @@ def run(
     url: UrlOpt = None,
 ) -> None:
     """Run a workflow and wait for its outputs, with live progress."""
-    request = _build_request(workflow, set_, input_, timeout)
 
     async def main() -> JobResult:
+        request = _build_request(workflow, set_, input_, timeout)
         runner, _ = _runner(provider, config, url)
         async with runner:
             show = not quiet and err.is_terminal
@@ -225,9 +229,9 @@ def submit(
     url: UrlOpt = None,
 ) -> None:
     """Submit a workflow and print its job id without waiting."""
-    request = _build_request(workflow, set_, input_, timeout)
 
     async def main():
+        request = _build_request(workflow, set_, input_, timeout)
         runner, _ = _runner(provider, config, url)
         async with runner:
             return await runner.submit(request)

@@ -646,8 +646,7 @@ class ComfyClient:
         if isinstance(job, str):
             known = self._jobs.get(job)
             if known is None:
-                await self._remove(job)
-                return await self.remote_status(job)
+                return await self._cancel_remote(job)
             job = known
         if job.finished:
             return job.status()
@@ -662,6 +661,25 @@ class ComfyClient:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(job.done), self.cancel_wait)
         return job.status()
+
+    async def _cancel_remote(self, prompt_id: str) -> JobStatus:
+        """Cancel a prompt this client did not submit (e.g. ``gpubridge cancel`` from another process)."""
+        before = await self.remote_status(prompt_id)
+        if before.state.is_terminal:
+            return before
+        await self._remove(prompt_id)
+        deadline = asyncio.get_running_loop().time() + self.cancel_wait
+        delay = 0.05
+        while True:
+            try:
+                after = await self.remote_status(prompt_id)
+            except JobNotFound:  # dequeued: ComfyUI keeps no history of deleted prompts
+                return JobStatus(job_id=prompt_id, provider=self.provider, state=JobState.CANCELLED,
+                                 message="removed from the queue")
+            if after.state.is_terminal or asyncio.get_running_loop().time() > deadline:
+                return after
+            await asyncio.sleep(delay)  # the interrupt lands at the next node boundary
+            delay = min(1.0, delay * 2)
 
     async def _confirm_dequeued(self, job: ComfyJob) -> None:
         try:
@@ -708,7 +726,7 @@ class ComfyClient:
 
     async def _reconnect(self) -> ClientConnection:
         async for attempt in AsyncRetrying(
-            wait=wait_exponential_jitter(initial=0.05, max=2.0),
+            wait=wait_exponential_jitter(multiplier=0.05, max=2.0),
             stop=stop_after_delay(self.reconnect_timeout),
             retry=retry_if_exception(_is_transient),
             reraise=True,
