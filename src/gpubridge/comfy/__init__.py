@@ -11,13 +11,14 @@ speaks ComfyUI's protocol.
 
 from .client import ComfyClient, ComfyJob, unreachable_message
 from .process import ComfyProcess, ComfyStartError
-from .validate import ValidationResult, validate_prompt
+from .validate import PromptValidator, ValidationResult, validate_prompt
 
 __all__ = [
     "ComfyClient",
     "ComfyJob",
     "ComfyProcess",
     "ComfyStartError",
+    "PromptValidator",
     "ValidationResult",
     "validate_prompt",
     "unreachable_message",

@@ -58,7 +58,7 @@ from ..models import (
 )
 from ..runner import EventStream
 from . import protocol
-from .validate import validate_prompt
+from .validate import PromptValidator
 
 __all__ = ["ComfyClient", "ComfyJob", "unreachable_message"]
 
@@ -317,6 +317,7 @@ class ComfyClient:
         self._closed = False
         self._object_info: dict[str, Any] | None = None
         self._object_info_lock: asyncio.Lock | None = None
+        self._validator_cache: tuple[dict[str, Any], PromptValidator] | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self.feature_flags: dict[str, Any] = {}
 
@@ -609,13 +610,18 @@ class ComfyClient:
                 raise WorkflowInputError(f"Cannot download input {url}: {_short(exc)}") from None
             return resp.content
 
+    async def _validator(self, *, refresh: bool = False) -> PromptValidator:
+        info = await self.object_info(refresh=refresh)
+        if self._validator_cache is None or self._validator_cache[0] is not info:
+            # Input files are ComfyUI's to check (it sees its own input folder): skip that check here.
+            self._validator_cache = (info, PromptValidator(info, file_exists=None))
+        return self._validator_cache[1]
+
     async def _validate(self, prompt: Mapping[str, Any], uploaded: set[str]) -> None:
-        info = await self.object_info()
-        result = validate_prompt(prompt, info, file_exists=lambda _path: True)
+        result = (await self._validator()).validate(prompt)
         if not result.ok or (result.node_errors and not self.allow_partial):
             # The cache may predate a node or model installed since: look again before refusing.
-            info = await self.object_info(refresh=True)
-            result = validate_prompt(prompt, info, file_exists=lambda _path: True)
+            result = (await self._validator(refresh=True)).validate(prompt)
         if not result.ok or (result.node_errors and not self.allow_partial):
             error = result.error or {
                 "type": "prompt_outputs_failed_validation",
