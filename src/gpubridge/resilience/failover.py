@@ -116,6 +116,7 @@ class _Supervised:
     current: tuple[str, JobHandle] | None = None
     started: asyncio.Event = field(default_factory=asyncio.Event)
     cancel_requested: bool = False
+    last_error: BaseException | None = None
     want_events: bool = False
     forwarder: asyncio.Task[None] | None = None
     task: asyncio.Task[None] | None = None
@@ -335,6 +336,8 @@ class FailoverRunner(WorkflowRunner):
         remaining = sup.deadline - self._clock()
         if remaining <= 0:
             breaker.release()
+            if sup.last_error is not None:
+                raise sup.last_error  # time ran out while backing off: report what went wrong
             raise JobTimeout(
                 f"Job {sup.id or sup.request.request_id} ran out of time before it could be (re)submitted",
                 job_id=sup.id or None, state="queued", cancelled=True, retryable=False,
@@ -384,6 +387,7 @@ class FailoverRunner(WorkflowRunner):
 
     def _close_attempt(self, sup: _Supervised, attempt: Attempt, exc: BaseException) -> None:
         attempt.ended_at = time.time()
+        sup.last_error = exc
         if isinstance(exc, asyncio.CancelledError) or isinstance(exc, JobCancelled):
             attempt.outcome = "cancelled"
         elif isinstance(exc, JobTimeout):

@@ -1,0 +1,57 @@
+"""Serve the job API with uvicorn, in front of a ComfyUI you run (the in-process backend)::
+
+    python -m modal_app.serve --comfy-url http://127.0.0.1:8188 --port 8000 --token s3cret
+    GPUBRIDGE_MODAL_URL=http://127.0.0.1:8000 GPUBRIDGE_MODAL_TOKEN=s3cret gpubridge run -p modal wf.json
+
+The API is the one the Modal deployment serves; only the backend differs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+from .api import create_app
+from .backends import InProcessBackend
+from .config import DEFAULT_PRICES
+
+
+def build_app(
+    comfy_url: str,
+    *,
+    token: str | None = None,
+    allow_anonymous: bool = False,
+    gpu: str | None = None,
+    default_timeout: float = 600.0,
+    **api_options: Any,
+) -> Any:
+    """The API over an in-process backend for the ComfyUI at ``comfy_url``."""
+    backend = InProcessBackend.for_url(
+        comfy_url,
+        worker_options={"gpu": gpu, "prices": DEFAULT_PRICES, "default_timeout": default_timeout},
+    )
+    return create_app(backend, tokens=token, allow_anonymous=allow_anonymous, **api_options)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import uvicorn
+
+    parser = argparse.ArgumentParser(prog="python -m modal_app.serve", description=__doc__.splitlines()[0])
+    parser.add_argument("--comfy-url", default=os.environ.get("GPUBRIDGE_COMFY_URL", "http://127.0.0.1:8188"))
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument(
+        "--token",
+        default=os.environ.get("GPUBRIDGE_API_TOKEN"),
+        help="bearer token(s), comma-separated (default: $GPUBRIDGE_API_TOKEN)",
+    )
+    parser.add_argument("--allow-anonymous", action="store_true", help="serve without auth (loopback only!)")
+    parser.add_argument("--gpu", default=None, help="GPU type for cost estimates, e.g. L40S")
+    args = parser.parse_args(argv)
+    app = build_app(args.comfy_url, token=args.token, allow_anonymous=args.allow_anonymous, gpu=args.gpu)
+    uvicorn.run(app, host=args.host, port=args.port)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

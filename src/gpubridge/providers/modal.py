@@ -1,0 +1,649 @@
+"""Provider ``modal``: gpubridge's job API on Modal (``modal_app/``), over HTTP.
+
+Configure it with ``GPUBRIDGE_MODAL_URL`` (the ``JobAPI.web`` endpoint of the deployed app) and either
+``GPUBRIDGE_MODAL_TOKEN`` (a bearer token from the app's ``gpubridge-api`` Secret) or
+``GPUBRIDGE_MODAL_KEY`` + ``GPUBRIDGE_MODAL_SECRET`` (a Modal proxy auth token), or the ``[providers.modal]``
+table of the config file::
+
+    GPUBRIDGE_MODAL_URL=https://ryla--gpubridge-jobapi-web.modal.run GPUBRIDGE_MODAL_TOKEN=... \\
+        gpubridge run -p modal workflow.json
+
+The runner submits with ``POST /v1/jobs``, follows jobs with long-polls (``GET /v1/jobs/{id}?wait=``),
+cancels with ``DELETE``, and maps every HTTP failure onto :mod:`gpubridge.errors`: the API's own error
+bodies come back as the same typed error (by class name), bare HTTP codes by code. Secrets never appear
+in reprs, logs or error messages.
+
+This module also syncs a model manifest into a Modal Volume (:func:`sync_volume`, ``batch_upload``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import time
+from collections.abc import AsyncIterator, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic_settings import SettingsConfigDict
+
+from .. import errors as _errors
+from ..config import ProviderSettings, Settings
+from ..errors import (
+    AuthError,
+    ConfigError,
+    GpuBridgeError,
+    JobCancelled,
+    JobError,
+    JobFailed,
+    JobNotFound,
+    JobTimeout,
+    PayloadTooLarge,
+    ProtocolError,
+    ProviderError,
+    ProviderUnavailable,
+    RateLimited,
+    WorkflowInvalid,
+)
+from ..manifest import Manifest, ModelEntry, Plan, SyncReport, download, plan, store_files
+from ..models import (
+    EventType,
+    HealthReport,
+    HealthState,
+    JobEvent,
+    JobHandle,
+    JobRequest,
+    JobResult,
+    JobState,
+    JobStatus,
+)
+from ..plugins import ProviderSpec, hookimpl
+from ..runner import JobRef, WorkflowRunner, job_id_of
+
+__all__ = [
+    "ModalRunner",
+    "ModalSettings",
+    "error_from_dict",
+    "plan_volume",
+    "sync_volume",
+    "volume_listing",
+]
+
+_RETRY_DELAYS = (0.5, 1.0, 2.0)
+
+
+class ModalSettings(ProviderSettings):
+    """Settings of the modal provider (environment ``GPUBRIDGE_MODAL_*``, TOML ``[providers.modal]``)."""
+
+    model_config = SettingsConfigDict(env_prefix="GPUBRIDGE_MODAL_")
+    section = "modal"
+
+    url: str | None = None
+    """The job API's base URL (``GPUBRIDGE_MODAL_URL``)."""
+    token: SecretStr | None = None
+    """Bearer token (``GPUBRIDGE_MODAL_TOKEN``)."""
+    key: SecretStr | None = None
+    """Modal proxy auth token id, sent as Modal-Key (``GPUBRIDGE_MODAL_KEY``)."""
+    secret: SecretStr | None = None
+    """Modal proxy auth token secret, sent as Modal-Secret (``GPUBRIDGE_MODAL_SECRET``)."""
+    request_timeout: float = Field(default=30.0, gt=0)
+    """Seconds for one request, on top of any long-poll wait."""
+    connect_timeout: float = Field(default=10.0, gt=0)
+    long_poll: float = Field(default=25.0, gt=0, le=120)
+    """Seconds one status long-poll may be held (Modal cuts web requests at 150 s)."""
+    deadline_grace: float = Field(default=30.0, ge=0)
+    """How long past a job's deadline the runner waits for the server to end it before cancelling."""
+    volume: str = "gpubridge-models"
+    """The models Volume ``gpubridge models plan/sync --volume`` uses by default."""
+    environment: str | None = None
+    """The Modal environment of that Volume (default: the profile's)."""
+
+
+# -------------------------------------------------------------------------------------------- wire
+
+
+class _Envelope(BaseModel):
+    """The job API's job envelope (modal_app/schema.py's JobEnvelope, read back)."""
+
+    model_config = ConfigDict(ser_json_bytes="base64", val_json_bytes="base64", extra="ignore")
+
+    job_id: str
+    version: int = 0
+    deadline: float | None = None
+    status: JobStatus
+    result: JobResult | None = None
+    error: dict[str, Any] | None = None
+
+    @property
+    def terminal(self) -> bool:
+        return self.status.state.is_terminal
+
+
+_ERROR_TYPES: dict[str, type[GpuBridgeError]] = {
+    name: obj
+    for name, obj in vars(_errors).items()
+    if isinstance(obj, type) and issubclass(obj, GpuBridgeError)
+}
+
+
+def error_from_dict(
+    data: dict[str, Any], *, provider: str | None = None, status_code: int | None = None
+) -> GpuBridgeError | None:
+    """Rebuild the typed error a job API error body describes (``{"type": "JobTimeout", ...}``).
+
+    Returns None when the type is not a gpubridge error. ``retryable`` is taken from the body.
+    """
+    cls = _ERROR_TYPES.get(str(data.get("type")))
+    if cls is None:
+        return None
+    message = str(data.get("message") or cls.__name__)
+    job_id = data.get("job_id")
+    exc: GpuBridgeError
+    if issubclass(cls, WorkflowInvalid):
+        exc = cls(message, error=data.get("error"), node_errors=data.get("node_errors"))
+    elif issubclass(cls, PayloadTooLarge):
+        exc = cls(message, size=data.get("size"), limit=data.get("limit"))
+    elif issubclass(cls, RateLimited):
+        exc = cls(message, retry_after=data.get("retry_after"), status_code=status_code)
+    elif issubclass(cls, ProviderError):
+        exc = cls(message, status_code=data.get("status_code") or status_code)
+    elif issubclass(cls, JobTimeout):
+        exc = cls(message, job_id=job_id, state=data.get("state"), cancelled=bool(data.get("cancelled")))
+    elif issubclass(cls, JobFailed):
+        exc = cls(
+            message,
+            job_id=job_id,
+            node_id=data.get("node_id"),
+            node_type=data.get("node_type"),
+            exception_type=data.get("exception_type"),
+            exception_message=data.get("exception_message"),
+            traceback=data.get("traceback"),
+        )
+    elif issubclass(cls, JobError):
+        exc = cls(message, job_id=job_id)
+    else:
+        exc = cls(message)
+    exc.provider = provider
+    if isinstance(data.get("retryable"), bool):
+        exc.retryable = data["retryable"]
+    return exc
+
+
+def _retry_after(resp: httpx.Response) -> float | None:
+    value = resp.headers.get("retry-after")
+    try:
+        return float(value) if value else None
+    except ValueError:
+        return None
+
+
+# ------------------------------------------------------------------------------------------- runner
+
+
+class ModalRunner(WorkflowRunner):
+    """Runs jobs through gpubridge's job API on Modal (or anything serving ``modal_app.api``)."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        token: SecretStr | str | None = None,
+        key: SecretStr | str | None = None,
+        secret: SecretStr | str | None = None,
+        name: str = "modal",
+        default_timeout: float = 600.0,
+        request_timeout: float = 30.0,
+        connect_timeout: float = 10.0,
+        long_poll: float = 25.0,
+        deadline_grace: float = 30.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ):
+        if not url:
+            raise ConfigError("The modal provider needs the job API's URL: set GPUBRIDGE_MODAL_URL.")
+        if not url.startswith(("http://", "https://")):
+            raise ConfigError(f"GPUBRIDGE_MODAL_URL must be an http(s) URL, got {url!r}")
+        key_v, secret_v = _reveal(key), _reveal(secret)
+        if bool(key_v) != bool(secret_v):
+            raise ConfigError("Modal proxy auth needs both GPUBRIDGE_MODAL_KEY and GPUBRIDGE_MODAL_SECRET.")
+        headers = {"User-Agent": "gpubridge", "Accept": "application/json"}
+        token_v = _reveal(token)
+        if token_v:
+            headers["Authorization"] = f"Bearer {token_v}"
+        if key_v and secret_v:
+            headers["Modal-Key"] = key_v
+            headers["Modal-Secret"] = secret_v
+        self.name = name
+        self.url = url.rstrip("/")
+        self.default_timeout = default_timeout
+        self.request_timeout = request_timeout
+        self.long_poll = long_poll
+        self.deadline_grace = deadline_grace
+        self._http = httpx.AsyncClient(
+            base_url=self.url,
+            headers=headers,
+            timeout=httpx.Timeout(request_timeout, connect=connect_timeout),
+            follow_redirects=False,
+            trust_env=False,
+            transport=transport,
+        )
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **options: Any) -> ModalRunner:
+        name = options.pop("name", "modal")
+        transport = options.pop("transport", None)
+        cfg = ModalSettings.from_settings(settings, **options)
+        return cls(
+            cfg.url or "",
+            token=cfg.token,
+            key=cfg.key,
+            secret=cfg.secret,
+            name=name,
+            default_timeout=settings.timeout,
+            request_timeout=cfg.request_timeout,
+            connect_timeout=cfg.connect_timeout,
+            long_poll=cfg.long_poll,
+            deadline_grace=cfg.deadline_grace,
+            transport=transport,
+        )
+
+    # ------------------------------------------------------------------------------------------- HTTP
+
+    async def _request(
+        self, method: str, path: str, *, job_id: str | None = None, wait: float = 0.0, **kwargs: Any
+    ) -> httpx.Response:
+        timeout = httpx.Timeout(self.request_timeout + wait, connect=self._http.timeout.connect)
+        try:
+            resp = await self._http.request(method, path, timeout=timeout, **kwargs)
+        except httpx.ConnectError as exc:
+            raise ProviderUnavailable(
+                f"Cannot reach the Modal job API at {self.url} ({_reason(exc)})", provider=self.name
+            ) from None
+        except httpx.TimeoutException as exc:
+            err = ProviderUnavailable(
+                f"The Modal job API at {self.url} timed out on {method} {path} ({type(exc).__name__})",
+                provider=self.name,
+            )
+            # A submit that timed out after sending may have been accepted: resubmitting could run it twice.
+            err.job_may_be_running = method == "POST" and not isinstance(exc, httpx.ConnectTimeout)
+            raise err from None
+        except httpx.TransportError as exc:
+            err = ProviderUnavailable(
+                f"The Modal job API at {self.url} dropped {method} {path} ({_reason(exc)})",
+                provider=self.name,
+            )
+            err.job_may_be_running = method == "POST"
+            raise err from None
+        if resp.status_code >= 300:
+            raise self._error(resp, method, path, job_id)
+        return resp
+
+    def _error(self, resp: httpx.Response, method: str, path: str, job_id: str | None) -> GpuBridgeError:
+        code = resp.status_code
+        body: Any = None
+        try:
+            body = resp.json()
+        except ValueError:
+            pass
+        if isinstance(body, dict) and isinstance(body.get("error"), dict):
+            typed = error_from_dict(body["error"], provider=self.name, status_code=code)
+            if typed is not None:
+                if isinstance(typed, RateLimited) and typed.retry_after is None:
+                    typed.retry_after = _retry_after(resp)
+                return typed
+        what = f"{method} {path}"
+        snippet = _snippet(resp)
+        if code in (401, 403):
+            return AuthError(
+                f"The Modal job API at {self.url} refused our credentials ({code} on {what}{snippet}); check "
+                "GPUBRIDGE_MODAL_TOKEN, or GPUBRIDGE_MODAL_KEY/GPUBRIDGE_MODAL_SECRET for proxy auth",
+                provider=self.name,
+            )
+        if code == 404:
+            if job_id is not None:
+                return JobNotFound(
+                    f"The Modal job API knows no job {job_id}", job_id=job_id, provider=self.name
+                )
+            return ConfigError(
+                f"No job API at {self.url} ({code} on {what}{snippet}); is the app deployed and "
+                "GPUBRIDGE_MODAL_URL its JobAPI.web URL?",
+                provider=self.name,
+            )
+        if code == 413:
+            return PayloadTooLarge(
+                f"The Modal job API refused {what}: payload too large{snippet}", provider=self.name
+            )
+        if code == 429:
+            return RateLimited(
+                f"The Modal job API is rate limiting ({what}){snippet}",
+                provider=self.name,
+                retry_after=_retry_after(resp),
+                status_code=code,
+            )
+        if code >= 500:
+            return ProviderUnavailable(
+                f"The Modal job API answered {code} to {what}{snippet}", provider=self.name, status_code=code
+            )
+        return ProtocolError(
+            f"The Modal job API answered {code} to {what}{snippet}",
+            provider=self.name,
+            status_code=code,
+            retryable=False,
+        )
+
+    def _envelope(self, resp: httpx.Response, what: str) -> _Envelope:
+        try:
+            env = _Envelope.model_validate_json(resp.content)
+        except (ValidationError, ValueError) as exc:
+            raise ProtocolError(
+                f"The Modal job API sent a response we cannot read for {what} (HTTP {resp.status_code}): "
+                f"{_first_error(exc)}",
+                provider=self.name,
+            ) from None
+        env.status.provider = self.name
+        if env.result is not None:
+            env.result.provider = self.name
+        return env
+
+    async def _get(self, job_id: str, *, wait: float = 0.0, after: int | None = None) -> _Envelope:
+        params: dict[str, Any] = {"wait": f"{max(0.0, wait):g}"}
+        if after is not None:
+            params["after"] = after
+        resp = await self._request("GET", f"/v1/jobs/{job_id}", job_id=job_id, wait=wait, params=params)
+        return self._envelope(resp, f"job {job_id}")
+
+    async def _poll(self, job_id: str, *, wait: float, after: int | None = None) -> _Envelope:
+        """A long-poll that rides out brief outages (connection drops, 5xx), a few times."""
+        for delay in (*_RETRY_DELAYS, None):
+            try:
+                return await self._get(job_id, wait=wait, after=after)
+            except (ProviderUnavailable, ProtocolError) as exc:
+                if delay is None or not exc.retryable:
+                    raise
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    # ---------------------------------------------------------------------------------------- runner
+
+    async def submit(self, request: JobRequest) -> JobHandle:
+        if request.timeout is None:
+            request = request.model_copy(update={"timeout": self.default_timeout})
+        submitted = time.time()
+        resp = await self._request(
+            "POST",
+            "/v1/jobs",
+            content=request.model_dump_json(),
+            headers={"Content-Type": "application/json"},
+        )
+        env = self._envelope(resp, "POST /v1/jobs")
+        return JobHandle(
+            job_id=env.job_id,
+            provider=self.name,
+            request_id=request.request_id,
+            submitted_at=submitted,
+            deadline=env.deadline,
+        )
+
+    async def status(self, job: JobRef) -> JobStatus:
+        return (await self._get(job_id_of(job))).status
+
+    async def wait(self, job: JobRef, *, timeout: float | None = None) -> JobResult:
+        job_id = job_id_of(job)
+        hint = job.deadline if isinstance(job, JobHandle) else None
+        stop_at = None if timeout is None else time.monotonic() + timeout
+        while True:
+            wait = self.long_poll
+            if stop_at is not None:
+                wait = max(0.0, min(wait, stop_at - time.monotonic()))
+            env = await self._poll(job_id, wait=wait)
+            if env.terminal:
+                return self._outcome(env)
+            deadline = env.deadline or hint
+            if deadline is not None and time.time() > deadline + self.deadline_grace:
+                # The server should have ended it at its deadline; make sure nothing keeps running.
+                await self.cancel(job_id)
+                raise JobTimeout(
+                    f"Job {job_id} passed its deadline while {env.status.state.value} and was cancelled",
+                    job_id=job_id,
+                    provider=self.name,
+                    state=env.status.state.value,
+                    cancelled=True,
+                )
+            if stop_at is not None and time.monotonic() >= stop_at:
+                raise JobTimeout(
+                    f"Stopped waiting for job {job_id} after {timeout:g}s; "
+                    f"it is still {env.status.state.value}",
+                    job_id=job_id,
+                    provider=self.name,
+                    state=env.status.state.value,
+                    cancelled=False,
+                )
+
+    def _outcome(self, env: _Envelope) -> JobResult:
+        state = env.status.state
+        if state is JobState.SUCCEEDED:
+            if env.result is None:
+                raise ProtocolError(
+                    f"Job {env.job_id} succeeded but the API sent no result", provider=self.name
+                )
+            return env.result
+        error = env.error or env.status.error
+        exc = error_from_dict(error, provider=self.name) if error else None
+        if exc is not None:
+            if isinstance(exc, JobError) and exc.job_id is None:
+                exc.job_id = env.job_id
+            raise exc
+        message = env.status.message or f"Job {env.job_id} ended {state.value}"
+        if state is JobState.CANCELLED:
+            raise JobCancelled(message, job_id=env.job_id, provider=self.name)
+        if state is JobState.TIMED_OUT:
+            raise JobTimeout(message, job_id=env.job_id, provider=self.name, cancelled=True)
+        raise JobFailed(message, job_id=env.job_id, provider=self.name)
+
+    async def cancel(self, job: JobRef) -> JobStatus:
+        job_id = job_id_of(job)
+        resp = await self._request("DELETE", f"/v1/jobs/{job_id}", job_id=job_id)
+        return self._envelope(resp, f"cancel {job_id}").status
+
+    async def events(self, job: JobRef) -> AsyncIterator[JobEvent]:  # type: ignore[override]
+        job_id = job_id_of(job)
+        version: int | None = None
+        last_state: JobState | None = None
+        last_progress: tuple[Any, ...] | None = None
+        while True:
+            env = await self._poll(job_id, wait=0.0 if version is None else self.long_poll, after=version)
+            st = env.status
+            if st.state is not last_state:
+                last_state = st.state
+                yield JobEvent(
+                    type=_STATE_EVENT[st.state],
+                    job_id=job_id,
+                    provider=self.name,
+                    queue_position=st.queue_position,
+                    message=st.message,
+                    data={"error": env.error} if env.error else {},
+                )
+            if env.terminal:
+                return
+            p = st.progress
+            key = (p.node_id, p.value, p.max) if p is not None else None
+            if p is not None and key != last_progress:
+                last_progress = key
+                yield JobEvent(
+                    type=EventType.PROGRESS if p.max else EventType.EXECUTING,
+                    job_id=job_id,
+                    provider=self.name,
+                    node_id=p.node_id,
+                    node_type=p.node_type,
+                    value=p.value,
+                    max=p.max,
+                )
+            version = env.version
+
+    async def health(self, *, deep: bool = False) -> HealthReport:
+        t0 = time.perf_counter()
+        try:
+            resp = await self._http.get("/v1/health", params={"deep": "true"} if deep else None)
+        except httpx.HTTPError as exc:
+            return HealthReport(
+                provider=self.name,
+                state=HealthState.UNHEALTHY,
+                message=f"Cannot reach the Modal job API at {self.url} ({_reason(exc)})",
+            )
+        latency = round((time.perf_counter() - t0) * 1000, 2)
+        if resp.status_code in (401, 403):
+            raise self._error(resp, "GET", "/v1/health", None)
+        if resp.status_code in (200, 503):
+            try:
+                report = HealthReport.model_validate_json(resp.content)
+            except (ValidationError, ValueError):
+                report = None
+            if report is not None:
+                report.provider = self.name
+                report.latency_ms = latency
+                report.details.setdefault("url", self.url)
+                return report
+        return HealthReport(
+            provider=self.name,
+            state=HealthState.UNHEALTHY,
+            latency_ms=latency,
+            message=f"The Modal job API answered {resp.status_code} to GET /v1/health{_snippet(resp)}",
+        )
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    def __repr__(self) -> str:
+        return f"<ModalRunner {self.name!r} {self.url}>"
+
+
+_STATE_EVENT = {
+    JobState.QUEUED: EventType.QUEUED,
+    JobState.RUNNING: EventType.STARTED,
+    JobState.SUCCEEDED: EventType.SUCCEEDED,
+    JobState.FAILED: EventType.FAILED,
+    JobState.CANCELLED: EventType.CANCELLED,
+    JobState.TIMED_OUT: EventType.TIMED_OUT,
+}
+
+
+def _reveal(value: SecretStr | str | None) -> str | None:
+    if value is None:
+        return None
+    text = value.get_secret_value() if isinstance(value, SecretStr) else value
+    return text.strip() or None
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if len(text) < 200 else text[:197] + "..."
+
+
+def _snippet(resp: httpx.Response) -> str:
+    try:
+        text = resp.text.strip()
+    except Exception:  # noqa: BLE001
+        return ""
+    return f": {text[:200]}" if text else ""
+
+
+def _first_error(exc: BaseException) -> str:
+    if isinstance(exc, ValidationError):
+        errs = exc.errors()
+        if errs:
+            e = errs[0]
+            return f"{'.'.join(str(x) for x in e.get('loc', ()))}: {e.get('msg')}"
+    return _reason(exc)
+
+
+# ------------------------------------------------------------------------------------ Modal Volumes
+
+
+def _volume(volume: Any, environment: str | None) -> Any:
+    if not isinstance(volume, str):
+        return volume
+    try:
+        import modal
+    except ImportError:
+        raise ConfigError(
+            "Syncing a Modal Volume needs the modal package: pip install 'gpubridge[modal]'"
+        ) from None
+    return modal.Volume.from_name(volume, create_if_missing=True, environment_name=environment)
+
+
+def volume_listing(volume: Any, *, environment: str | None = None) -> list[str]:
+    """The paths of the files (and links) in a Modal Volume (a name or a ``modal.Volume``)."""
+    vol = _volume(volume, environment)
+    out = []
+    for entry in vol.iterdir("/", recursive=True):
+        kind = getattr(entry.type, "name", str(entry.type))
+        if kind in ("FILE", "SYMLINK"):
+            out.append(str(entry.path).lstrip("/"))
+    return out
+
+
+def plan_volume(
+    manifest: Manifest | Sequence[ModelEntry], volume: Any, *, environment: str | None = None
+) -> Plan:
+    """Which manifest models a Modal Volume holds and which it lacks (reads the Volume's listing)."""
+    name = volume if isinstance(volume, str) else getattr(volume, "name", None) or "volume"
+    return plan(
+        manifest, listing=volume_listing(volume, environment=environment), store=f"Modal Volume {name}"
+    )
+
+
+def sync_volume(
+    manifest: Manifest | Iterable[ModelEntry],
+    volume: Any,
+    *,
+    cache_dir: str | Path,
+    token: str | None = None,
+    force: bool = False,
+    environment: str | None = None,
+    hf_download: Any = None,
+) -> SyncReport:
+    """Put the manifest's models into a Modal Volume: download what it lacks into ``cache_dir`` (a local
+    store, reused between runs), then upload in one ``Volume.batch_upload``.
+
+    The Volume ends up laid out like any store (``hf/`` hub cache, ``files/``), which is what the app's
+    containers link from.
+    """
+    entries = list(manifest)
+    vol = _volume(volume, environment)
+    current = plan(entries, listing=volume_listing(vol), store="volume")
+    todo = entries if force else current.to_download
+    local = download(todo, cache_dir, token=token, hf_download=hf_download)
+    report = SyncReport(
+        present=[] if force else [e.name for e in current.present],
+        gated=local.gated,
+        failed=dict(local.failed),
+        warnings=list(local.warnings),
+    )
+    uploads: list[tuple[Path | bytes, str]] = []
+    for entry in todo:
+        if entry.name in local.failed or entry.name in local.gated:
+            continue
+        uploads.extend(store_files(entry, cache_dir))
+        report.downloaded.append(entry.name)
+    if uploads:
+        with vol.batch_upload(force=True) as batch:
+            for item, rel in uploads:
+                source = io.BytesIO(item) if isinstance(item, bytes) else item
+                batch.put_file(source, "/" + rel)
+    return report
+
+
+# ------------------------------------------------------------------------------------------- plugin
+
+
+@hookimpl
+def register_providers(register: Any) -> None:
+    register(
+        ProviderSpec(
+            name="modal",
+            factory=ModalRunner.from_settings,
+            description="gpubridge's job API on Modal (GPUBRIDGE_MODAL_URL, GPUBRIDGE_MODAL_TOKEN)",
+            settings=ModalSettings,
+        )
+    )
