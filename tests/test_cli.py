@@ -157,3 +157,16 @@ def test_third_party_provider_from_an_entry_point(comfy, tmp_path):
                          env=env, capture_output=True, text=True, timeout=60)
     assert ran.returncode == 0, ran.stderr
     assert json.loads(ran.stdout)["provider"] == "thirdparty"
+
+
+def test_testing_comfy_serves_the_double(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "gpubridge.cli", "testing", "comfy", "--port", "0",
+                             "--root", str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        url = proc.stdout.readline().strip()
+        assert url.startswith("http://127.0.0.1:")
+        res = invoke("run", MODEL_FREE, "--url", url, "--json")
+        assert res.exit_code == 0 and json.loads(res.stdout)["state"] == "succeeded"
+    finally:
+        proc.terminate()
+        proc.wait(10)
