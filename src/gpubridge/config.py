@@ -22,13 +22,14 @@ they print as ``**********`` in reprs, logs and errors.
 from __future__ import annotations
 
 import contextvars
+import enum
 import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, TypeVar
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -39,7 +40,17 @@ from pydantic_settings import (
 
 from .errors import ConfigError
 
-__all__ = ["Settings", "ProviderSettings", "find_config_file", "load_toml", "DEFAULT_COMFY_URL"]
+__all__ = [
+    "Settings",
+    "ProviderSettings",
+    "Stage",
+    "ShadowOptions",
+    "ShadowThresholds",
+    "default_db_path",
+    "find_config_file",
+    "load_toml",
+    "DEFAULT_COMFY_URL",
+]
 
 DEFAULT_COMFY_URL = "http://127.0.0.1:8188"
 CONFIG_ENV = "GPUBRIDGE_CONFIG"
@@ -121,6 +132,76 @@ def _split_list(value: Any) -> Any:
     return value
 
 
+# ----------------------------------------------------------------- migration stages (see gpubridge.shadow)
+class Stage(str, enum.Enum):
+    """Where a migration stands: ``off`` (control only), ``shadow``, ``canary``, or ``cutover`` (candidate
+    only)."""
+
+    OFF = "off"
+    SHADOW = "shadow"
+    CANARY = "canary"
+    CUTOVER = "cutover"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def default_db_path() -> Path:
+    """``$XDG_DATA_HOME/gpubridge/shadow.sqlite3``, else ``~/.local/share/gpubridge/shadow.sqlite3``."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base).expanduser() / "gpubridge" / "shadow.sqlite3"
+
+
+class ShadowThresholds(BaseModel):
+    """The go/no-go thresholds of ``gpubridge shadow report``. A ``None`` threshold is not checked."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_samples: int = Field(default=100, ge=1)
+    """Fewer shadow pairs than this (overall) gives the verdict ``insufficient-data``."""
+    max_success_rate_drop: float | None = Field(default=0.01, ge=0.0, le=1.0)
+    """Candidate success rate may trail the control's by at most this (0.01 = one point)."""
+    max_mismatch_rate: float | None = Field(default=0.05, ge=0.0, le=1.0)
+    """Share of pairs (both succeeded) whose outputs differ beyond the noise floor."""
+    max_p95_latency_ratio: float | None = Field(default=1.5, gt=0.0)
+    """Candidate p95 total latency over the control's."""
+    max_cost_per_image_ratio: float | None = Field(default=None, gt=0.0)
+    """Candidate cost per image over the control's."""
+
+
+class ShadowOptions(BaseModel):
+    """How the shadow and canary runners behave, and where records go (TOML ``[shadow_options]``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    timeout: float | None = Field(default=None, gt=0)
+    """Candidate deadline in seconds (default: the request's ``timeout``, else 600)."""
+    max_inflight: int = Field(default=16, ge=1)
+    """Shadows running at once; a sampled job beyond this is dropped and counted."""
+    noise_rate: float = Field(default=0.05, ge=0.0, le=1.0)
+    """After warm-up, share of shadowed jobs whose control also runs a second time (noise floor)."""
+    noise_warmup: int = Field(default=10, ge=0)
+    """Per workflow, the first this many shadowed jobs always get a control-vs-control pair."""
+    noise_refresh_s: float | None = Field(default=86400.0, gt=0)
+    """Take a noise pair when a workflow's last one is older than this."""
+    noise_margin: float = Field(default=2.0, ge=0.0)
+    """Bits of perceptual-hash distance allowed above the noise floor before a pair is a mismatch."""
+    min_noise_pairs: int = Field(default=5, ge=1)
+    """Noise pairs a workflow needs before its measured floor is used instead of ``default_floor``."""
+    default_floor: float = Field(default=8.0, ge=0.0)
+    """Floor (pHash bits, of 64) for workflows without enough noise pairs."""
+    drain_timeout: float = Field(default=10.0, ge=0)
+    """On close, how long to let running shadows finish before cancelling them."""
+    db: Path | None = None
+    """SQLite file for shadow records (default: :func:`default_db_path`)."""
+    seed: int | None = None
+    """Seed the sampling RNG (reproducible sampling, for tests and benchmarks)."""
+    thresholds: ShadowThresholds = Field(default_factory=ShadowThresholds)
+
+    def db_path(self) -> Path:
+        return Path(self.db).expanduser() if self.db else default_db_path()
+
+
 class Settings(_LayeredSettings):
     """gpubridge's top-level settings (environment prefix ``GPUBRIDGE_``)."""
 
@@ -140,7 +221,14 @@ class Settings(_LayeredSettings):
     shadow: str | None = None
     """Mirror a sample of traffic to this provider (see gpubridge.shadow)."""
     shadow_rate: float = Field(default=0.0, ge=0.0, le=1.0)
-    shadow_options: dict[str, Any] = Field(default_factory=dict)
+    """Share of jobs mirrored to ``shadow`` (``GPUBRIDGE_SHADOW_RATE``)."""
+    shadow_options: ShadowOptions = Field(default_factory=ShadowOptions)
+    """Shadow/canary tuning, record storage and go/no-go thresholds (TOML ``[shadow_options]``)."""
+    stage: Stage | None = None
+    """Migration stage from ``provider`` to ``shadow``: off, shadow, canary or cutover. Unset: shadow when
+    ``shadow`` is set and ``shadow_rate`` > 0, else off."""
+    canary_weight: float = Field(default=0.1, ge=0.0, le=1.0)
+    """In the canary stage, the share of jobs routed to ``shadow`` (``GPUBRIDGE_CANARY_WEIGHT``)."""
     pricing: dict[str, float] = Field(default_factory=dict)
     """GPU price table in USD per second, overriding the built-in one (e.g. ``L40S = 0.000542``)."""
 

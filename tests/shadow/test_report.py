@@ -1,0 +1,153 @@
+"""Report figures from a known fixture, checked against values computed by hand (in the comments)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from gpubridge.shadow.report import (
+    OVERALL,
+    Verdict,
+    build_report,
+    percentile,
+    render_html,
+    render_json,
+    render_table,
+)
+from gpubridge.shadow.settings import ShadowOptions, ShadowThresholds
+
+from .helpers import record
+
+T0 = 1_699_999_200.0  # a whole hour (472222 * 3600)
+
+OPTIONS = ShadowOptions(
+    noise_margin=2.0,
+    min_noise_pairs=5,
+    default_floor=8.0,
+    thresholds=ShadowThresholds(
+        min_samples=4,
+        max_success_rate_drop=0.1,
+        max_mismatch_rate=0.3,
+        max_p95_latency_ratio=1.5,
+        max_cost_per_image_ratio=1.5,
+    ),
+)
+
+
+def fixture():
+    a = dict(images=2, ctl_cost=0.02)
+    return [
+        # wf-a: 5 pairs, images=2 each side
+        record("wf-a", ctl_s=1.0, cand_s=1.2, cand_cost=0.03, distance=3, at=T0 + 10, **a),
+        record("wf-a", ctl_s=2.0, cand_s=2.4, cand_cost=0.03, distance=9, at=T0 + 20, **a),
+        record("wf-a", ctl_s=3.0, cand_s=3.0, cand_cost=0.03, distance=5, at=T0 + 3610, **a),
+        record("wf-a", ctl_s=4.0, cand_s=6.0, cand_cost=None, distance=4, structure=False, at=T0 + 3620, **a),
+        record("wf-a", ctl_s=5.0, cand_ok=False, cand_err="JobTimeout", at=T0 + 3630, **a),
+        # wf-a noise: distances 1 2 2 3 4 6
+        *[record("wf-a", "noise", distance=d, at=T0 + 100 + d) for d in (1, 2, 2, 3, 4, 6)],
+        # wf-b: 3 pairs, no cost
+        record("wf-b", ctl_s=10.0, cand_s=8.0, distance=9, at=T0 + 7205),
+        record("wf-b", ctl_ok=False, cand_ok=False, ctl_err="JobFailed", cand_err="JobFailed", at=T0 + 7210),
+        record("wf-b", ctl_ok=False, cand_ok=False, ctl_err="JobFailed", cand_err="ProviderUnavailable",
+               at=T0 + 7220),
+        # wf-b noise: only 2 pairs, fewer than min_noise_pairs=5
+        record("wf-b", "noise", distance=0, at=T0 + 7300),
+        record("wf-b", "noise", distance=1, at=T0 + 7301),
+    ]
+
+
+def test_percentile_is_nearest_rank():
+    assert percentile([], 50) is None
+    assert percentile([4, 1, 3, 2], 50) == 2  # ceil(0.5*4)=2nd
+    assert percentile([1, 2, 3, 4, 5], 95) == 5  # ceil(4.75)=5th
+    assert percentile([1, 2, 2, 3, 4, 6], 95) == 6  # ceil(5.7)=6th
+    assert percentile([7], 0) == 7
+
+
+def test_workflow_figures_match_hand_computed_values():
+    rep = build_report(fixture(), OPTIONS)
+    a, b = rep.workflows
+    assert (a.workflow, b.workflow) == ("wf-a", "wf-b")
+
+    # wf-a: noise distances [1,2,2,3,4,6] -> p95 = 6th = 6 (measured); threshold 6 + 2 = 8.
+    assert (a.noise_floor, a.floor_source, a.noise_pairs, a.threshold) == (6.0, "measured", 6, 8.0)
+    assert a.samples == 5
+    assert a.outcomes == {"both_ok": 4, "candidate_failed": 1, "control_failed": 0, "both_failed": 0}
+    assert a.control.success_rate == 1.0 and a.candidate.success_rate == 0.8
+    # control totals [1,2,3,4,5]: p50 = 3rd = 3, p95 = 5th = 5
+    assert (a.control.p50_total_s, a.control.p95_total_s) == (3.0, 5.0)
+    # candidate totals (successful) [1.2,2.4,3.0,6.0]: p50 = 2nd = 2.4, p95 = 4th = 6.0
+    assert (a.candidate.p50_total_s, a.candidate.p95_total_s) == (2.4, 6.0)
+    assert a.p95_latency_ratio == pytest.approx(1.2)
+    # control: 5 x $0.02 over 10 images; candidate: 3 costed jobs x $0.03 over 6 images
+    assert a.control.cost_per_image == pytest.approx(0.01)
+    assert a.candidate.cost_per_image == pytest.approx(0.015)
+    assert a.cost_per_image_ratio == pytest.approx(1.5)  # at the threshold: passes
+    # compared (both ok) 4: d=3 no, d=9 > 8 yes, d=5 no, dims differ yes -> 2/4
+    assert (a.compared, a.mismatches, a.mismatch_rate) == (4, 2, 0.5)
+    assert a.verdict is Verdict.NO_GO
+    assert len(a.reasons) == 2 and "success rate" in a.reasons[0] and "mismatch rate" in a.reasons[1]
+
+    # wf-b: 2 noise pairs < 5 -> default floor 8, threshold 10; d=9 is not a mismatch.
+    assert (b.noise_floor, b.floor_source, b.noise_pairs, b.threshold) == (8.0, "default", 2, 10.0)
+    assert (b.compared, b.mismatches, b.mismatch_rate) == (1, 0, 0.0)
+    assert b.control.success_rate == pytest.approx(1 / 3) and b.candidate.success_rate == pytest.approx(1 / 3)
+    assert b.error_class_parity == 0.5  # 1 of the 2 both-failed pairs failed alike
+    assert b.control.cost_per_image is None
+    assert b.verdict is Verdict.INSUFFICIENT_DATA  # 3 pairs < min_samples 4
+
+
+def test_overall_figures_and_verdict_match_hand_computed_values():
+    rep = build_report(fixture(), OPTIONS)
+    o = rep.overall
+    assert o.workflow == OVERALL and o.samples == 8
+    assert o.outcomes == {"both_ok": 5, "candidate_failed": 1, "control_failed": 0, "both_failed": 2}
+    assert o.control.success_rate == 0.75 and o.candidate.success_rate == 0.625  # 6/8, 5/8
+    # control totals [1,2,3,4,5,10]: p50 = 3rd = 3, p95 = 6th = 10
+    assert (o.control.p50_total_s, o.control.p95_total_s) == (3.0, 10.0)
+    # candidate totals [1.2,2.4,3,6,8]: p50 = 3rd = 3, p95 = 5th = 8
+    assert (o.candidate.p50_total_s, o.candidate.p95_total_s) == (3.0, 8.0)
+    assert o.p95_latency_ratio == pytest.approx(0.8)
+    assert o.control.cost_per_image == pytest.approx(0.01)  # wf-b has no cost: left out
+    assert (o.compared, o.mismatches, o.mismatch_rate) == (5, 2, 0.4)
+    assert o.error_class_parity == 0.5 and o.noise_pairs == 8
+    assert rep.verdict is Verdict.NO_GO
+    assert [r.split(" ")[0] for r in rep.reasons] == ["candidate", "mismatch", "wf-a:", "wf-a:"]
+    assert rep.control == ["runpod"] and rep.candidate == ["modal"]
+
+    # mismatch rate per hour: hour 0 {d=3, d=9} 1/2; hour 1 {d=5, dims} 1/2; hour 2 {d=9 under 10} 0/1
+    assert rep.timeline_bucket_s == 3600
+    assert [(p.start, p.compared, p.mismatches) for p in rep.timeline] == [
+        (T0, 2, 1), (T0 + 3600, 2, 1), (T0 + 7200, 1, 0)
+    ]
+    assert sum(rep.latency_control) == 6 and sum(rep.latency_candidate) == 5
+    assert rep.latency_edges[0] == 0.0 and rep.latency_edges[-1] == 10.0
+
+
+def test_verdict_go_and_insufficient_data():
+    loose = OPTIONS.model_copy(update={"thresholds": ShadowThresholds(
+        min_samples=4, max_success_rate_drop=0.2, max_mismatch_rate=0.5, max_p95_latency_ratio=1.5)})
+    assert build_report(fixture(), loose).verdict is Verdict.GO
+    strict = OPTIONS.model_copy(update={"thresholds": ShadowThresholds(min_samples=100)})
+    rep = build_report(fixture(), strict)
+    assert rep.verdict is Verdict.INSUFFICIENT_DATA and "fewer than min_samples=100" in rep.reasons[0]
+    empty = build_report([], OPTIONS)
+    assert empty.overall.samples == 0 and empty.verdict is Verdict.INSUFFICIENT_DATA
+
+
+def test_renderers():
+    rep = build_report(fixture(), OPTIONS)
+    data = json.loads(render_json(rep))
+    assert data["verdict"] == "no-go" and data["overall"]["mismatch_rate"] == 0.4
+    page = render_html(rep)
+    assert page.count("<svg") == 2 and "latency distribution" in page and "mismatch rate over time" in page
+    assert "<polyline" in page and page.count("<circle") == 3  # one point per hour
+    assert "no-go" in page and "wf-a" in page
+
+    from rich.console import Console
+
+    console = Console(width=200, record=True)
+    console.print(render_table(rep))
+    text = console.export_text()
+    assert "wf-a" in text and "(all)" in text and "verdict: no-go" in text and "40.0% (2/5)" in text
