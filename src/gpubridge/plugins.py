@@ -56,6 +56,7 @@ PROJECT = "gpubridge"
 ENTRY_POINT_GROUP = "gpubridge"
 DEFAULT_PLUGINS: tuple[str, ...] = (
     "gpubridge.providers.local",
+    "gpubridge.providers.modal",
     "gpubridge.providers.runpod",
 )
 

@@ -1,0 +1,565 @@
+"""gpubridge's RunPod serverless worker: worker-comfyui's API, run through ``gpubridge.comfy``.
+
+Existing RunPod callers keep working. The job ``input`` is worker-comfyui's::
+
+    {"workflow": {<API-format graph>}, "images": [{"name": "face.png", "image": "<base64 or data URI>"}],
+     "comfy_org_api_key": "..."}            # optional; images may also be http(s) URLs (gpubridge extension)
+
+and so is the output, extended::
+
+    {"images": [{"filename", "type": "base64", "data", "node_id", "mime_type", "width", "height"}],
+     "videos": [...], "gifs": [...], "audio": [...], "files": [...],   # only when present
+     "text": [{"node_id", "text"}], "errors": [...],                    # only when present
+     "timings": {"queued_s", "executing_s", "upload_s", "download_s", "encode_s", "total_s"},
+     "gpubridge": {"version", "prompt_id", "outputs", "warnings"}}
+
+(``"type": "s3_url"`` with a presigned URL in ``data`` when ``BUCKET_ENDPOINT_URL`` is set, as in
+worker-comfyui.) While the job runs, ``runpod.serverless.progress_update`` reports
+``{"progress": {"node_id", "node_type", "value", "max", "nodes_done", "nodes_total"}}``.
+
+Errors are returned as ``{"error": "<text>", "details": {"exception_type", "node_id", "node_type",
+"exception_message", "traceback", ...}}``, so the job ends FAILED with that text. A dead ComfyUI answers at
+once with ``"refresh_worker": True`` (RunPod then replaces the worker) instead of hanging.
+
+ComfyUI is started once per worker (``init()``, or lazily at the first job) when ``COMFY_PATH`` (a ComfyUI
+checkout) or ``COMFY_START_CMD`` (a command; ``{host}``/``{port}`` are filled in) is set; otherwise the
+worker uses the ComfyUI already listening at ``COMFY_URL`` (default ``http://127.0.0.1:8188``, which is
+what worker-comfyui's start script runs). Other settings: ``COMFY_ARGS`` (extra ComfyUI arguments),
+``COMFY_START_TIMEOUT`` (s), ``COMFY_JOB_TIMEOUT`` (s, default none: RunPod's executionTimeout applies),
+``COMFY_RECONNECT_TIMEOUT`` (s, default 5), ``COMFY_VALIDATE`` (1/0), ``GPUBRIDGE_PROGRESS_INTERVAL`` (s,
+default 0.5: at most one progress update per interval), ``COMFY_ORG_API_KEY``, ``BUCKET_ENDPOINT_URL`` (+ RunPod's bucket credentials).
+
+Importing this module starts nothing; tests point it elsewhere with ``configure(comfy_url=...)`` or the
+environment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import json
+import logging
+import os
+import shlex
+import tempfile
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from gpubridge.comfy import ComfyClient, ComfyJob, ComfyProcess
+from gpubridge.errors import (
+    AuthError,
+    GpuBridgeError,
+    JobCancelled,
+    JobFailed,
+    JobTimeout,
+    ProviderUnavailable,
+    WorkflowError,
+    WorkflowInvalid,
+)
+from gpubridge.models import Artifact, ArtifactKind, EventType, InputFile, JobResult, Workflow
+
+__all__ = ["handler", "init", "configure", "aclose", "WorkerConfig", "Worker", "parse_input"]
+
+log = logging.getLogger("gpubridge.runpod_worker")
+
+try:
+    from importlib.metadata import version as _pkg_version
+
+    GPUBRIDGE_VERSION = _pkg_version("gpubridge")
+except Exception:  # pragma: no cover - not installed as a distribution
+    GPUBRIDGE_VERSION = "unknown"
+
+_KIND_KEY = {
+    ArtifactKind.IMAGE: "images",
+    ArtifactKind.ANIMATION: "gifs",
+    ArtifactKind.VIDEO: "videos",
+    ArtifactKind.AUDIO: "audio",
+    ArtifactKind.FILE: "files",
+}
+
+
+def _env_float(name: str, default: float | None) -> float | None:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        return float(value)
+    except ValueError:
+        log.warning("ignoring %s=%r: not a number", name, value)
+        return default
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    comfy_url: str = "http://127.0.0.1:8188"
+    comfy_path: str | None = None
+    comfy_start_cmd: str | None = None
+    comfy_args: tuple[str, ...] = ()
+    start_timeout: float | None = None
+    job_timeout: float | None = None
+    reconnect_timeout: float = 5.0
+    validate: bool = True
+    progress_interval: float = 0.5
+    comfy_org_api_key: str | None = field(default=None, repr=False)
+    bucket_endpoint_url: str | None = None
+    watchdog_interval: float = 0.25
+
+    @classmethod
+    def from_env(cls) -> WorkerConfig:
+        env = os.environ
+        return cls(
+            comfy_url=env.get("COMFY_URL", "").strip() or cls.comfy_url,
+            comfy_path=env.get("COMFY_PATH") or None,
+            comfy_start_cmd=env.get("COMFY_START_CMD") or None,
+            comfy_args=tuple(shlex.split(env.get("COMFY_ARGS", ""))),
+            start_timeout=_env_float("COMFY_START_TIMEOUT", None),
+            job_timeout=_env_float("COMFY_JOB_TIMEOUT", None),
+            reconnect_timeout=_env_float("COMFY_RECONNECT_TIMEOUT", 5.0) or 5.0,
+            validate=env.get("COMFY_VALIDATE", "1").strip().lower() not in ("0", "false", "no", "off"),
+            progress_interval=_env_float("GPUBRIDGE_PROGRESS_INTERVAL", 0.5) or 0.0,
+            comfy_org_api_key=env.get("COMFY_ORG_API_KEY") or None,
+            bucket_endpoint_url=env.get("BUCKET_ENDPOINT_URL") or None,
+        )
+
+    @property
+    def manages_comfy(self) -> bool:
+        return bool(self.comfy_path or self.comfy_start_cmd)
+
+
+# ------------------------------------------------------------------------------------------------ input
+
+
+class InputError(Exception):
+    """The job input is unusable (worker-comfyui's messages)."""
+
+    def __init__(self, message: str, errors: list[str] | None = None, exception_type: str = "WorkflowInputError"):
+        super().__init__(message)
+        self.message = message
+        self.errors = errors or []
+        self.exception_type = exception_type
+
+
+@dataclass
+class JobInput:
+    workflow: dict[str, Any]
+    images: dict[str, InputFile]
+    comfy_org_api_key: str | None = None
+    timeout: float | None = None
+
+
+def parse_input(raw: Any) -> JobInput:
+    """Validate worker-comfyui's input shape (same messages), decoding the images."""
+    if raw is None or raw == "":
+        raise InputError("Please provide input")
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except ValueError:
+            raise InputError("Invalid JSON format in input") from None
+    if not isinstance(raw, Mapping):
+        raise InputError("Invalid JSON format in input")
+    workflow = raw.get("workflow")
+    if workflow is None:
+        raise InputError("Missing 'workflow' parameter", exception_type="WorkflowFormatError")
+    try:
+        workflow = Workflow.model_validate(workflow).to_api()
+    except WorkflowError as exc:
+        raise InputError(str(exc), exception_type=type(exc).__name__) from None
+    except Exception as exc:  # pydantic ValidationError wrapping our error
+        raise InputError(f"Invalid workflow: {exc}", exception_type="WorkflowFormatError") from None
+    images_raw = raw.get("images")
+    images: dict[str, InputFile] = {}
+    if images_raw is not None:
+        if not isinstance(images_raw, list) or not all(
+            isinstance(i, Mapping) and "name" in i and "image" in i for i in images_raw
+        ):
+            raise InputError("'images' must be a list of objects with 'name' and 'image' keys")
+        errors = []
+        for item in images_raw:
+            name, value = str(item["name"]), item["image"]
+            try:
+                images[name] = _decode_image(name, value)
+            except ValueError as exc:
+                errors.append(f"Error decoding base64 for {name}: {exc}")
+        if errors:
+            raise InputError("Failed to upload one or more input images", errors)
+    gb = raw.get("gpubridge") if isinstance(raw.get("gpubridge"), Mapping) else {}
+    timeout = raw.get("timeout", gb.get("timeout"))
+    return JobInput(
+        workflow=workflow,
+        images=images,
+        comfy_org_api_key=raw.get("comfy_org_api_key") or None,
+        timeout=float(timeout) if isinstance(timeout, (int, float)) and timeout > 0 else None,
+    )
+
+
+def _decode_image(name: str, value: Any) -> InputFile:
+    if not isinstance(value, str) or not value:
+        raise ValueError("the image must be a base64 string, a data URI or a URL")
+    if value.startswith(("http://", "https://")):
+        return InputFile(url=value)
+    if value.startswith("data:") or "," in value[:100]:
+        value = value.split(",", 1)[1]  # worker-comfyui: strip any data URI prefix
+    try:
+        data = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ValueError(str(exc)) from None
+    if not data:
+        raise ValueError("empty image")
+    return InputFile(data=data)
+
+
+# ----------------------------------------------------------------------------------------------- worker
+
+
+class ComfyDead(ProviderUnavailable):
+    """ComfyUI is gone: the worker cannot run jobs any more and must be replaced."""
+
+
+class Worker:
+    """One worker process: one ComfyUI (started once) and one ComfyClient per event loop, reused by jobs."""
+
+    def __init__(self, config: WorkerConfig | None = None):
+        self.config = config or WorkerConfig.from_env()
+        self.process: ComfyProcess | None = None
+        self._clients: dict[asyncio.AbstractEventLoop, ComfyClient] = {}
+        self._starting: asyncio.Future[None] | None = None
+        self.jobs_run = 0
+
+    # -- ComfyUI lifecycle
+
+    def _make_process(self) -> ComfyProcess:
+        cfg = self.config
+        split = urlsplit(cfg.comfy_url)
+        host, port = split.hostname or "127.0.0.1", split.port or 8188
+        if cfg.comfy_path:
+            return ComfyProcess(path=cfg.comfy_path, host=host, port=port, args=cfg.comfy_args,
+                                start_timeout=cfg.start_timeout)
+        return ComfyProcess(cfg.comfy_start_cmd, host=host, port=port, args=cfg.comfy_args,
+                            start_timeout=cfg.start_timeout)
+
+    def init(self) -> None:
+        """Start ComfyUI now (blocking) if this worker manages it. Call before runpod.serverless.start."""
+        if self.config.manages_comfy and self.process is None:
+            self.process = self._make_process()
+            self.process.start()
+
+    async def _ensure_comfy(self) -> None:
+        if not self.config.manages_comfy:
+            return
+        if self.process is None:
+            # Concurrent first jobs share one start.
+            if self._starting is None:
+                proc = self._make_process()
+                self._starting = asyncio.ensure_future(proc.astart())
+                self._starting.add_done_callback(lambda f: self._started(proc, f))
+            await asyncio.shield(self._starting)
+        elif not self.process.alive():
+            raise ComfyDead(
+                f"ComfyUI exited (code {self.process.returncode}) and this worker does not restart it. Last "
+                "output: " + " | ".join(self.process.output[-5:]),
+                provider="comfy",
+            )
+
+    def _started(self, proc: ComfyProcess, fut: asyncio.Future[None]) -> None:
+        self._starting = None
+        if not fut.cancelled() and fut.exception() is None:
+            self.process = proc
+
+    async def client(self) -> ComfyClient:
+        """This loop's ComfyClient (created once), with ComfyUI started if this worker manages it."""
+        await self._ensure_comfy()
+        loop = asyncio.get_running_loop()
+        for other in [lp for lp in self._clients if lp.is_closed()]:
+            del self._clients[other]
+        client = self._clients.get(loop)
+        if client is None:
+            url = self.process.url if self.process is not None else self.config.comfy_url
+            client = ComfyClient(url, provider="comfy", validate=self.config.validate,
+                                 reconnect_timeout=self.config.reconnect_timeout)
+            self._clients[loop] = client
+        return client
+
+    async def aclose(self) -> None:
+        """Close the ComfyClient of the running loop (ComfyUI itself keeps running; see :meth:`stop`)."""
+        client = self._clients.pop(asyncio.get_running_loop(), None)
+        if client is not None:
+            await client.aclose()
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop()
+
+    # -- jobs
+
+    async def handle(self, job: Mapping[str, Any]) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        try:
+            spec = parse_input(job.get("input"))
+        except InputError as exc:
+            details: dict[str, Any] = {"exception_type": exc.exception_type, "exception_message": exc.message}
+            if exc.errors:
+                details["errors"] = exc.errors
+            return {"error": exc.message, "details": details}
+        try:
+            client = await self.client()
+        except ProviderUnavailable as exc:
+            return _dead(exc)
+        comfy_job: ComfyJob | None = None
+        progress: asyncio.Task[None] | None = None
+        prompt_id = str(uuid.uuid4())  # ours, so a job cancelled mid-submit can still be found
+        try:
+            extra = {}
+            key = spec.comfy_org_api_key or self.config.comfy_org_api_key
+            if key:
+                extra["api_key_comfy_org"] = key
+            comfy_job = await client.submit(
+                spec.workflow,
+                prompt_id=prompt_id,
+                inputs=spec.images or None,
+                timeout=spec.timeout or self.config.job_timeout,
+                extra_data=extra or None,
+            )
+            progress = asyncio.create_task(self._report_progress(job, comfy_job))
+            await self._wait(comfy_job)
+            result = await client.collect(comfy_job)
+        except asyncio.CancelledError:
+            # RunPod cancelled the job (cancel request or executionTimeout): stop it in ComfyUI too.
+            if comfy_job is None or not comfy_job.finished:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(asyncio.wait_for(client.cancel(comfy_job or prompt_id), 10))
+            raise
+        except ComfyDead as exc:
+            if comfy_job is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(client.cancel(comfy_job), 2)
+            return _dead(exc)
+        except GpuBridgeError as exc:
+            return _failure(exc)
+        finally:
+            if progress is not None:
+                progress.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await progress
+            if comfy_job is not None:
+                client.forget(comfy_job.prompt_id)
+        self.jobs_run += 1
+        return await self._output(job, result, t0)
+
+    async def _wait(self, comfy_job: ComfyJob) -> None:
+        """Wait for the job; with a managed ComfyUI, notice at once when its process dies."""
+        if self.process is None:
+            await comfy_job.wait()
+            return
+        done = asyncio.ensure_future(comfy_job.wait())
+        try:
+            while True:
+                finished, _ = await asyncio.wait({done}, timeout=self.config.watchdog_interval)
+                if finished:
+                    done.result()
+                    return
+                if not self.process.alive():
+                    raise ComfyDead(
+                        f"ComfyUI exited (code {self.process.returncode}) while running job "
+                        f"{comfy_job.prompt_id}", provider="comfy",
+                    )
+        finally:
+            if not done.done():
+                done.cancel()
+
+    async def _report_progress(self, job: Mapping[str, Any], comfy_job: ComfyJob) -> None:
+        # Each runpod progress_update is a thread and an HTTP request: at most one per interval.
+        last_sent = float("-inf")
+        async for event in comfy_job.events():
+            if event.type not in (EventType.EXECUTING, EventType.PROGRESS):
+                continue
+            now = time.monotonic()
+            if now - last_sent < self.config.progress_interval:
+                continue
+            last_sent = now
+            p = comfy_job.progress()
+            send_progress(dict(job), {"progress": {
+                "node_id": p.node_id, "node_type": p.node_type, "value": p.value, "max": p.max,
+                "nodes_done": p.nodes_done, "nodes_total": p.nodes_total,
+            }})
+
+    async def _output(self, job: Mapping[str, Any], result: JobResult, t0: float) -> dict[str, Any]:
+        t_enc = time.perf_counter()
+        out: dict[str, Any] = {"images": []}
+        texts = []
+        for index, art in enumerate(result.artifacts):
+            if art.kind is ArtifactKind.TEXT:
+                texts.append({"node_id": art.node_id, "text": art.text or ""})
+                continue
+            entry = await self._file_entry(str(job.get("id", "job")), art, index)
+            out.setdefault(_KIND_KEY.get(art.kind, "files"), []).append(entry)
+        if texts:
+            out["text"] = texts
+        if result.warnings:
+            out["errors"] = list(result.warnings)
+        if not any(out.get(k) for k in _KIND_KEY.values()) and not texts and not result.warnings:
+            out["status"] = "success_no_images"  # worker-comfyui's marker
+        t = result.timings
+        out["timings"] = {
+            "queued_s": t.queued_s,
+            "executing_s": t.executing_s,
+            "upload_s": t.upload_s,
+            "download_s": t.download_s,
+            "encode_s": round(time.perf_counter() - t_enc, 6),
+            "total_s": round(time.perf_counter() - t0, 6),
+        }
+        out["gpubridge"] = {
+            "version": GPUBRIDGE_VERSION,
+            "prompt_id": result.job_id,
+            "outputs": result.outputs,
+            "warnings": list(result.warnings),
+        }
+        return out
+
+    async def _file_entry(self, job_id: str, art: Artifact, index: int) -> dict[str, Any]:
+        filename = art.filename or f"node{art.node_id}_{index}{_ext(art.mime_type)}"
+        entry: dict[str, Any] = {"filename": filename, "type": "base64", "data": ""}
+        if self.config.bucket_endpoint_url and art.data is not None:
+            entry["type"], entry["data"] = "s3_url", await asyncio.to_thread(_upload, job_id, filename, art.data)
+        elif art.data is not None:
+            entry["data"] = base64.b64encode(art.data).decode("ascii")
+        entry.update(node_id=art.node_id, mime_type=art.mime_type)
+        if art.subfolder:
+            entry["subfolder"] = art.subfolder
+        if art.width and art.height:
+            entry["width"], entry["height"] = art.width, art.height
+        if art.size is not None:
+            entry["size"] = art.size
+        return entry
+
+
+def send_progress(job: dict[str, Any], payload: Any) -> None:
+    """``runpod.serverless.progress_update``, looked up at call time (the endpoint double routes it)."""
+    try:
+        import runpod.serverless
+    except ImportError:  # pragma: no cover - runpod is installed in the worker image
+        return
+    try:
+        runpod.serverless.progress_update(job, payload)
+    except Exception as exc:  # progress is best effort
+        log.debug("progress update failed: %s", exc)
+
+
+def _upload(job_id: str, filename: str, data: bytes) -> str:
+    from runpod.serverless.utils import rp_upload
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(filename).name
+        path.write_bytes(data)
+        return rp_upload.upload_image(job_id, str(path))
+
+
+def _ext(mime: str | None) -> str:
+    import mimetypes
+
+    return (mimetypes.guess_extension(mime or "") or ".bin") if mime else ".bin"
+
+
+def _dead(exc: BaseException) -> dict[str, Any]:
+    message = f"ComfyUI is not reachable: {exc}"
+    return {
+        "error": message,
+        "refresh_worker": True,
+        "details": {
+            "exception_type": "ProviderUnavailable",
+            "exception_message": str(exc),
+            "worker_failure": True,
+        },
+    }
+
+
+def _failure(exc: GpuBridgeError) -> dict[str, Any]:
+    details: dict[str, Any] = {"exception_type": type(exc).__name__, "exception_message": str(exc)}
+    if isinstance(exc, JobFailed):
+        details.update(
+            node=exc.node_id,
+            node_id=exc.node_id,
+            node_type=exc.node_type,
+            exception_type=exc.exception_type,
+            exception_message=exc.exception_message,
+            traceback=exc.traceback,
+        )
+        if exc.details:
+            details["comfy"] = _jsonable(exc.details)
+        message = (
+            f"Workflow execution error: Node Type: {exc.node_type}, Node ID: {exc.node_id}, "
+            f"Message: {exc.exception_message}"
+        )
+        return {"error": message, "details": details}
+    if isinstance(exc, WorkflowInvalid):
+        details.update(error=exc.error, node_errors=exc.node_errors)
+        lines = "\n".join(f"• {e}" for e in exc.errors) or exc.error.get("message", "")
+        return {"error": f"Workflow validation failed:\n{lines}", "details": details}
+    if isinstance(exc, ProviderUnavailable):
+        return _dead(exc)  # ComfyUI went away during the job
+    if isinstance(exc, JobTimeout):
+        details.update(state=exc.state)
+        return {"error": f"Job timed out: {exc}", "details": details}
+    if isinstance(exc, JobCancelled):
+        return {"error": f"Job was cancelled in ComfyUI: {exc}", "details": details}
+    if isinstance(exc, AuthError):
+        return {"error": f"ComfyUI refused the worker: {exc}", "details": details}
+    return {"error": str(exc), "details": details}
+
+
+def _jsonable(value: Any) -> Any:
+    try:
+        json.dumps(value)
+        return value
+    except (TypeError, ValueError):
+        return json.loads(json.dumps(value, default=str))
+
+
+# ----------------------------------------------------------------------------------------- module API
+
+_WORKER: Worker | None = None
+
+
+def get_worker() -> Worker:
+    global _WORKER
+    if _WORKER is None:
+        _WORKER = Worker(WorkerConfig.from_env())
+    return _WORKER
+
+
+def configure(**overrides: Any) -> Worker:
+    """Replace the process's worker with one built from the environment plus ``overrides`` (tests)."""
+    global _WORKER
+    _WORKER = Worker(replace(WorkerConfig.from_env(), **overrides))
+    return _WORKER
+
+
+def init() -> Worker:
+    """Start ComfyUI (if managed) before taking jobs."""
+    worker = get_worker()
+    worker.init()
+    return worker
+
+
+async def aclose() -> None:
+    if _WORKER is not None:
+        await _WORKER.aclose()
+
+
+async def handler(job: dict[str, Any]) -> dict[str, Any]:
+    """The RunPod handler: ``runpod.serverless.start({"handler": handler})``."""
+    return await get_worker().handle(job)
+
+
+if __name__ == "__main__":  # pragma: no cover - the container's entry point
+    import runpod
+
+    init()
+    runpod.serverless.start({"handler": handler})
