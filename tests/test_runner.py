@@ -136,3 +136,15 @@ def test_sync_facade_drives_the_same_async_runner():
     assert runner.closed
     with pytest.raises(RuntimeError, match="closed"):
         sync.status(handle)
+
+
+def test_as_request_validates_updated_fields(tmp_path):
+    from gpubridge.errors import WorkflowInputError
+    from gpubridge.models import InputFile
+
+    png = tmp_path / "a.png"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 32)
+    req = as_request(as_request(WF), inputs={"a.png": png})
+    assert isinstance(req.inputs["a.png"], InputFile)
+    with pytest.raises(WorkflowInputError):
+        as_request(req, inputs={"../a.png": png})

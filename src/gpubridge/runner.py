@@ -69,7 +69,10 @@ def job_id_of(job: JobRef) -> str:
 def as_request(request: JobRequest | Workflow | dict | str | Path, **fields: Any) -> JobRequest:
     """Accept a JobRequest, or a workflow (object, dict, path or JSON) plus JobRequest fields."""
     if isinstance(request, JobRequest):
-        return request.model_copy(update=fields) if fields else request
+        if not fields:
+            return request
+        # Validate the changed fields (inputs given as paths or bytes become InputFile, and so on).
+        return JobRequest.model_validate({**dict(request), **fields})
     return JobRequest(workflow=request, **fields)
 
 

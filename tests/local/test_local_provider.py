@@ -222,3 +222,15 @@ def test_sync_facade_against_the_double(tmp_path):
         assert len(result.images) == 2
         paths = result.save(tmp_path / "out")
         assert all(p.read_bytes().startswith(b"\x89PNG") for p in paths)
+
+
+async def test_a_submit_cancelled_in_flight_leaves_nothing_queued(local, comfy):
+    comfy.faults.paused = True
+    await local.client.start()
+    task = asyncio.create_task(local.submit(JobRequest(workflow=INVERT)))
+    await comfy.wait_for_prompts(1)  # the POST reached ComfyUI; cancel before we see its answer
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await comfy.wait_until(lambda: comfy.stats.deletes == 1)
+    assert comfy.queue_remaining == 0

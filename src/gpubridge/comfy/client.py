@@ -575,10 +575,14 @@ class ComfyClient:
                         provider=self.provider,
                     )
                 job.tags["node_errors"] = data["node_errors"]
-        except BaseException:
+        except BaseException as exc:
             job = self._jobs.pop(prompt_id, job)
             if job._timer is not None:
                 job._timer.cancel()
+            if not isinstance(exc, WorkflowInvalid):
+                # The POST may have reached ComfyUI (we were cancelled, or the answer was lost): make sure
+                # the prompt, whose id we chose, does not run unobserved.
+                self._spawn(self._remove(prompt_id), name=f"comfy-abandon-{prompt_id[:8]}")
             raise
         job.number = data.get("number")
         if deadline is not None and not job.finished:
