@@ -25,7 +25,7 @@ import hmac
 from collections.abc import AsyncIterator, Sequence
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Query, Request, Response
+from fastapi import Depends, FastAPI, Header, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -188,9 +188,16 @@ def create_app(
         dependencies=v1,
         summary="Submit a job",
     )
-    async def submit(request: JobRequest) -> Response:
-        env = await backend.submit(request)
-        return _json(env, 202, {"Location": f"/v1/jobs/{env.job_id}"})
+    async def submit(
+        request: JobRequest,
+        idempotency_key: Annotated[
+            str | None,
+            Header(description="Send a submit again with the same key and get the same job back (not a "
+                               "second one): safe retries after a lost answer."),
+        ] = None,
+    ) -> Response:
+        env, created = await backend.submit_idempotent(request, idempotency_key)
+        return _json(env, 202 if created else 200, {"Location": f"/v1/jobs/{env.job_id}"})
 
     @app.get(
         "/v1/jobs/{job_id}",

@@ -35,7 +35,7 @@ from gpubridge.errors import (
 )
 from gpubridge.models import HealthReport, HealthState, JobRequest, JobResult, JobState
 
-from .schema import HEALTH_KEY, JobEnvelope, JobRecord, error_dict, record_key
+from .schema import HEALTH_KEY, JobEnvelope, JobRecord, error_dict, idempotency_key, record_key
 from .worker import ComfyWorker, JobStore, MemoryStore, Outcome
 
 __all__ = ["InProcessBackend", "JobBackend", "ModalBackend"]
@@ -47,10 +47,43 @@ class JobBackend(abc.ABC):
     """Runs the API's jobs. Methods raise :mod:`gpubridge.errors` types; the API maps them to HTTP."""
 
     provider: str = "modal"
+    store: JobStore
 
     @abc.abstractmethod
     async def submit(self, request: JobRequest) -> JobEnvelope:
         """Accept a job and return its envelope (state ``queued`` or later)."""
+
+    async def submit_idempotent(self, request: JobRequest, key: str | None) -> tuple[JobEnvelope, bool]:
+        """Submit once per ``key`` (the request's ``Idempotency-Key`` header): a client that lost the answer
+        to a submit can send it again and get the same job back. Returns (envelope, created)."""
+        if not key:
+            return await self.submit(request), True
+        locks = self.__dict__.setdefault("_idem_locks", {})
+        lock = locks.setdefault(key, asyncio.Lock())
+        try:
+            async with lock:  # one creator per key in this process; put_new settles races across processes
+                existing = await self._idempotent_job(key)
+                if existing is not None:
+                    return existing, False
+                env = await self.submit(request)
+                if await self.store.put_new(idempotency_key(key), {"job_id": env.job_id}):
+                    return env, True
+                with contextlib.suppress(GpuBridgeError):
+                    await self.cancel(env.job_id)  # another API container created it first
+                existing = await self._idempotent_job(key)
+                return (existing, False) if existing is not None else (env, True)
+        finally:
+            if not lock.locked():
+                locks.pop(key, None)
+
+    async def _idempotent_job(self, key: str) -> JobEnvelope | None:
+        known = await self.store.get(idempotency_key(key))
+        if not known:
+            return None
+        try:
+            return await self.get(str(known["job_id"]))
+        except JobNotFound:
+            return None
 
     @abc.abstractmethod
     async def get(self, job_id: str, *, wait: float = 0.0, after: int | None = None) -> JobEnvelope:

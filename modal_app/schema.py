@@ -51,6 +51,11 @@ def record_key(job_id: str) -> str:
     return f"job:{job_id}"
 
 
+def idempotency_key(key: str) -> str:
+    """Where the job created for an ``Idempotency-Key`` request header is remembered."""
+    return f"idem:{key}"
+
+
 class JobRecord(BaseModel):
     """What the backend knows about a job while it lives: state, progress, timestamps, error.
 

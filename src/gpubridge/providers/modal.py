@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import io
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,7 @@ __all__ = [
 ]
 
 _RETRY_DELAYS = (0.5, 1.0, 2.0)
+_RESUBMIT_DELAYS = (0.1, 0.5, 1.5)
 
 
 class ModalSettings(ProviderSettings):
@@ -367,15 +369,22 @@ class ModalRunner(WorkflowRunner):
     # ---------------------------------------------------------------------------------------- runner
 
     async def submit(self, request: JobRequest) -> JobHandle:
+        """``POST /v1/jobs`` with an ``Idempotency-Key`` of its own. If the answer is lost (a timeout or a
+        dropped connection after the request went out), the same submit is sent again with the same key,
+        so the API hands back the job it may already have created instead of starting a second one."""
         if request.timeout is None:
             request = request.model_copy(update={"timeout": self.default_timeout})
         submitted = time.time()
-        resp = await self._request(
-            "POST",
-            "/v1/jobs",
-            content=request.model_dump_json(),
-            headers={"Content-Type": "application/json"},
-        )
+        body = request.model_dump_json()
+        headers = {"Content-Type": "application/json", "Idempotency-Key": uuid.uuid4().hex}
+        for delay in (*_RESUBMIT_DELAYS, None):
+            try:
+                resp = await self._request("POST", "/v1/jobs", content=body, headers=headers)
+                break
+            except ProviderUnavailable as exc:
+                if delay is None or not exc.job_may_be_running:
+                    raise
+                await asyncio.sleep(delay)
         env = self._envelope(resp, "POST /v1/jobs")
         return JobHandle(
             job_id=env.job_id,
