@@ -147,12 +147,13 @@ class InProcessBackend(JobBackend):
         provider: str = "modal",
         store: JobStore | None = None,
         worker_options: dict[str, Any] | None = None,
+        client_options: dict[str, Any] | None = None,
         **options: Any,
     ) -> InProcessBackend:
-        """A backend for the ComfyUI at ``comfy_url`` (one shared client)."""
+        """A backend for the ComfyUI at ``comfy_url`` (one shared client; ``client_options`` go to it)."""
         from gpubridge.comfy import ComfyClient
 
-        client = ComfyClient(comfy_url, provider=provider)
+        client = ComfyClient(comfy_url, provider=provider, **(client_options or {}))
         worker = ComfyWorker(client, store or MemoryStore(), provider=provider, **(worker_options or {}))
         return cls(worker, **options)
 

@@ -169,7 +169,10 @@ class FailoverRunner(WorkflowRunner):
         self._max_retained = 10_000
         self._reaper: set[asyncio.Task[None]] = set()
         self.unconfirmed_cancels: dict[tuple[str, str], int] = {}
-        self.counters = {"submitted": 0, "succeeded": 0, "failed": 0, "failovers": 0, "stuck": 0, "panic": 0}
+        self.counters = {
+            "submitted": 0, "succeeded": 0, "failed": 0, "failovers": 0, "stuck": 0, "panic": 0,
+            "unconfirmed_submits": 0,
+        }
 
     # ------------------------------------------------------------------------------------------- hooks
 
@@ -348,6 +351,11 @@ class FailoverRunner(WorkflowRunner):
         try:
             handle = await runner.submit(request)
         except BaseException as exc:
+            if getattr(exc, "job_may_be_running", False):
+                # The provider could not tell whether it accepted the job, and gave us no id to cancel.
+                # Its own deadline (the request's timeout) bounds such a job; count it so it shows.
+                self.counters["unconfirmed_submits"] += 1
+                log.warning("submit to %s may have been accepted without an answer: %s", name, exc)
             self._close_attempt(sup, attempt, exc)
             breaker.record(exc if not isinstance(exc, asyncio.CancelledError) else None)
             raise
