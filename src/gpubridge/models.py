@@ -466,6 +466,16 @@ class EventType(str, enum.Enum):
 
 TERMINAL_EVENTS = frozenset({EventType.SUCCEEDED, EventType.FAILED, EventType.CANCELLED, EventType.TIMED_OUT})
 
+STATE_EVENTS: dict[JobState, EventType] = {
+    JobState.QUEUED: EventType.QUEUED,
+    JobState.RUNNING: EventType.STARTED,
+    JobState.SUCCEEDED: EventType.SUCCEEDED,
+    JobState.FAILED: EventType.FAILED,
+    JobState.CANCELLED: EventType.CANCELLED,
+    JobState.TIMED_OUT: EventType.TIMED_OUT,
+}
+"""The event that announces a job entering each state."""
+
 
 class JobEvent(BaseModel):
     """One thing that happened to a job, in order. Terminal types end a job's event stream."""

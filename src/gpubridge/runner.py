@@ -35,6 +35,7 @@ from typing import Any, TypeVar, Union
 
 from .errors import JobTimeout
 from .models import (
+    STATE_EVENTS,
     EventType,
     HealthReport,
     JobEvent,
@@ -263,14 +264,6 @@ class EventStream:
             await self._changed.wait()
 
 
-_STATE_EVENT = {
-    JobState.QUEUED: EventType.QUEUED,
-    JobState.RUNNING: EventType.STARTED,
-    JobState.SUCCEEDED: EventType.SUCCEEDED,
-    JobState.FAILED: EventType.FAILED,
-    JobState.CANCELLED: EventType.CANCELLED,
-    JobState.TIMED_OUT: EventType.TIMED_OUT,
-}
 
 
 async def poll_events(
@@ -295,7 +288,7 @@ async def poll_events(
             last_state = st.state
             changed = True
             yield JobEvent(
-                type=_STATE_EVENT[st.state],
+                type=STATE_EVENTS[st.state],
                 job_id=st.job_id,
                 provider=provider or st.provider,
                 queue_position=st.queue_position,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import httpx
-import pytest
 
 from gpubridge.models import JobRequest, Workflow
 from gpubridge.providers.modal import ModalRunner

@@ -50,6 +50,7 @@ from ..errors import (
 )
 from ..manifest import Manifest, ModelEntry, Plan, SyncReport, download, plan, store_files
 from ..models import (
+    STATE_EVENTS,
     EventType,
     HealthReport,
     HealthState,
@@ -466,7 +467,7 @@ class ModalRunner(WorkflowRunner):
             if st.state is not last_state:
                 last_state = st.state
                 yield JobEvent(
-                    type=_STATE_EVENT[st.state],
+                    type=STATE_EVENTS[st.state],
                     job_id=job_id,
                     provider=self.name,
                     queue_position=st.queue_position,
@@ -527,14 +528,6 @@ class ModalRunner(WorkflowRunner):
         return f"<ModalRunner {self.name!r} {self.url}>"
 
 
-_STATE_EVENT = {
-    JobState.QUEUED: EventType.QUEUED,
-    JobState.RUNNING: EventType.STARTED,
-    JobState.SUCCEEDED: EventType.SUCCEEDED,
-    JobState.FAILED: EventType.FAILED,
-    JobState.CANCELLED: EventType.CANCELLED,
-    JobState.TIMED_OUT: EventType.TIMED_OUT,
-}
 
 
 def _reveal(value: SecretStr | str | None) -> str | None:

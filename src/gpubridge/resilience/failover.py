@@ -35,6 +35,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
 from ..errors import GpuBridgeError, JobCancelled, JobNotFound, JobTimeout
 from ..models import (
+    STATE_EVENTS,
     Attempt,
     EventType,
     HealthReport,
@@ -262,7 +263,7 @@ class FailoverRunner(WorkflowRunner):
             state = _state_of(exc)
             self.counters["failed"] += 1
             last = sup.current[0] if sup.current else None
-            sup.stream.publish(self._event(sup, _EVENT_OF[state], last, message=str(exc), data={"error": _to_dict(exc)}))
+            sup.stream.publish(self._event(sup, STATE_EVENTS[state], last, message=str(exc), data={"error": _to_dict(exc)}))
             self._emit_outcome(sup, state, last, exc)
             if not sup.accepted.done():
                 sup.accepted.set_exception(exc)
@@ -596,12 +597,6 @@ class _Peek:
         return self._b.would_allow()
 
 
-_EVENT_OF = {
-    JobState.FAILED: EventType.FAILED,
-    JobState.CANCELLED: EventType.CANCELLED,
-    JobState.TIMED_OUT: EventType.TIMED_OUT,
-    JobState.SUCCEEDED: EventType.SUCCEEDED,
-}
 
 
 def _state_of(exc: BaseException) -> JobState:
