@@ -515,3 +515,43 @@ async def test_cold_start_shows_in_delay_time(rp: RunPodEndpointDouble, runner: 
     assert body is not None and body["delayTime"] >= 50
     assert result.timings.queued_s == body["delayTime"] / 1000
     assert rp.counters["cold_starts"] == 1
+
+
+async def test_polling_learns_a_workflows_length_and_polls_fast_near_its_end(endpoint, comfy):
+    """After one job of a workflow, the next is polled at its expected end rather than on the growing
+    schedule: fewer polls for the wait, and the result seen within the fast interval."""
+    from gpubridge.models import JobRequest, Workflow
+
+    from .conftest import WORKFLOWS
+
+    comfy.faults.node_delay = 0.1  # ~0.3 s per job
+    runner = make_runner(endpoint, poll_initial=0.05, poll_max=1.0, poll_backoff=2.0, poll_fast=0.01)
+    try:
+        wf = Workflow.load(WORKFLOWS / "model_free_invert.json")
+        first = await runner.run(JobRequest(workflow=wf))
+        key = next(iter(runner._exec_estimate))
+        assert runner._exec_estimate[key] == pytest.approx(first.timings.executing_s, rel=0.01)
+        handle = await runner.submit(JobRequest(workflow=wf.with_values({"Canvas.color": 5})))
+        await runner.wait(handle)
+        out = runner._jobs[handle.job_id]
+        assert out.expected_done is not None
+    finally:
+        await runner.aclose()
+
+
+def test_rate_limiter_spreads_polls():
+    from gpubridge.providers.runpod import _RateLimiter
+
+    async def main():
+        limiter = _RateLimiter(rate=500.0)
+        loop = asyncio.get_running_loop()
+
+        async def one():
+            await limiter.acquire()
+            return loop.time()
+
+        return sorted(await asyncio.gather(*(one() for _ in range(20))))
+
+    times = asyncio.run(main())
+    # the i-th poll never goes out before its slot: at most rate x elapsed polls, however they arrive
+    assert all(t - times[0] >= i * 0.002 * 0.999 for i, t in enumerate(times))

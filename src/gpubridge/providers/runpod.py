@@ -29,6 +29,7 @@ The API key is a ``SecretStr``; it is only ever put in the Authorization header.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import base64
 import binascii
 import collections
@@ -68,6 +69,7 @@ from ..errors import (
     WorkflowInvalid,
 )
 from ..models import (
+    STATE_EVENTS,
     Artifact,
     ArtifactKind,
     Cost,
@@ -125,14 +127,6 @@ _STATES = {
     "CANCELLED": JobState.CANCELLED,
     "TIMED_OUT": JobState.TIMED_OUT,
 }
-_EVENT_OF = {
-    JobState.QUEUED: EventType.QUEUED,
-    JobState.RUNNING: EventType.STARTED,
-    JobState.SUCCEEDED: EventType.SUCCEEDED,
-    JobState.FAILED: EventType.FAILED,
-    JobState.CANCELLED: EventType.CANCELLED,
-    JobState.TIMED_OUT: EventType.TIMED_OUT,
-}
 # Output keys that list files, in worker-comfyui's shape ({"filename", "type": "base64"|"s3_url", "data"}).
 _FILE_KEYS = ("images", "videos", "gifs", "audio", "files")
 
@@ -162,6 +156,10 @@ class RunPodSettings(ProviderSettings):
     """Longest interval between two status polls."""
     poll_backoff: float = Field(default=1.3, ge=1.0)
     """Factor the interval grows by while nothing changes."""
+    poll_fast: float = Field(default=0.02, gt=0)
+    """Interval around a running job's expected end (learned from this workflow's recent executionTime)."""
+    status_rate: float = Field(default=100.0, gt=0)
+    """Status polls per second at most, over all jobs (RunPod allows 2000 per 10 s per endpoint)."""
     request_timeout: float = Field(default=30.0, gt=0)
     max_attempts: int = Field(default=6, ge=1)
     """HTTP attempts per call on 429/5xx/connection errors (1 = no retries)."""
@@ -202,7 +200,7 @@ class _Outcome:
 
     __slots__ = ("job_id", "ours", "stream", "done", "body", "error", "state", "seen_running", "deadline",
                  "submitted_at", "finished_at", "task", "wake", "progress", "request_id", "tags", "polls",
-                 "last_status")
+                 "last_status", "workflow_key", "expected_done")
 
     def __init__(self, job_id: str, *, ours: bool, deadline: float | None, submitted_at: float | None,
                  request_id: str | None = None, tags: Mapping[str, str] | None = None):
@@ -224,6 +222,8 @@ class _Outcome:
         self.tags = dict(tags or {})
         self.polls = 0
         self.last_status: JobStatus | None = None
+        self.workflow_key: str | None = None
+        self.expected_done: float | None = None  # loop time, once running and the workflow's length is known
 
 
 class RunPodRunner(WorkflowRunner):
@@ -243,6 +243,8 @@ class RunPodRunner(WorkflowRunner):
         poll_initial: float = 0.05,
         poll_max: float = 0.5,
         poll_backoff: float = 1.3,
+        poll_fast: float = 0.02,
+        status_rate: float = 100.0,
         request_timeout: float = 30.0,
         max_attempts: int = 6,
         retry_initial: float = 0.25,
@@ -276,6 +278,9 @@ class RunPodRunner(WorkflowRunner):
         self.poll_initial = poll_initial
         self.poll_max = max(poll_max, poll_initial)
         self.poll_backoff = poll_backoff
+        self.poll_fast = min(poll_fast, self.poll_initial)
+        self._status_limiter = _RateLimiter(status_rate)
+        self._exec_estimate: dict[str, float] = {}  # workflow key -> EWMA of executionTime (s)
         self.max_attempts = max_attempts
         self.retry_initial = retry_initial
         self.retry_max_wait = retry_max_wait
@@ -330,6 +335,8 @@ class RunPodRunner(WorkflowRunner):
             poll_initial=cfg.poll_initial,
             poll_max=cfg.poll_max,
             poll_backoff=cfg.poll_backoff,
+            poll_fast=cfg.poll_fast,
+            status_rate=cfg.status_rate,
             request_timeout=cfg.request_timeout,
             max_attempts=cfg.max_attempts,
             retry_initial=cfg.retry_initial,
@@ -552,6 +559,7 @@ class RunPodRunner(WorkflowRunner):
         loop = asyncio.get_running_loop()
         out = _Outcome(job_id, ours=True, deadline=loop.time() + timeout, submitted_at=submitted,
                        request_id=request.request_id, tags=request.tags)
+        out.workflow_key = _workflow_key(request)
         self._remember(out)
         out.stream.publish(JobEvent(type=EventType.QUEUED, job_id=job_id, provider=self.name))
         if _STATES.get(str(data.get("status", "IN_QUEUE"))) is not JobState.QUEUED:
@@ -675,6 +683,7 @@ class RunPodRunner(WorkflowRunner):
                     await self._on_deadline(out)
                     return
                 out.wake.clear()
+                await self._status_limiter.acquire()
                 try:
                     body = await self._call("GET", f"/status/{out.job_id}")
                 except _NotFound:
@@ -694,7 +703,7 @@ class RunPodRunner(WorkflowRunner):
                     return
                 if changed:
                     delays = poll_delays(self.poll_initial, self.poll_max, self.poll_backoff)
-                delay = next(delays)
+                delay = self._shape_delay(out, next(delays), loop.time())
                 if out.deadline is not None:
                     delay = min(delay, max(0.0, out.deadline - loop.time()))
                 try:
@@ -710,6 +719,42 @@ class RunPodRunner(WorkflowRunner):
                 out.stream.close()
                 out.done.set()
             raise
+
+    def _shape_delay(self, out: _Outcome, delay: float, now: float) -> float:
+        """Adapt the next poll to a running job's expected end: wake at that moment, then poll fast for a
+        while, so a job's result is seen within ``poll_fast`` of it being ready rather than within the
+        (growing) regular interval. Far from the end, and without an estimate, the regular schedule holds
+        (it keeps progress events fresh)."""
+        if out.expected_done is None or out.state is not JobState.RUNNING:
+            return delay
+        late = now - out.expected_done
+        if late < -delay:
+            return delay
+        if late < 0:
+            return -late
+        estimate = self._exec_estimate.get(out.workflow_key or "", 0.0)
+        if late < max(0.5, 0.25 * estimate):
+            return min(delay, self.poll_fast)
+        return delay
+
+    def _learn(self, out: _Outcome, body: Mapping[str, Any]) -> None:
+        """Fold a finished job's executionTime into its workflow's estimate (EWMA)."""
+        exec_s = _seconds(body.get("executionTime"))
+        if out.workflow_key is None or exec_s is None:
+            return
+        old = self._exec_estimate.get(out.workflow_key)
+        self._exec_estimate[out.workflow_key] = exec_s if old is None else 0.7 * old + 0.3 * exec_s
+        if len(self._exec_estimate) > 1024:
+            self._exec_estimate.pop(next(iter(self._exec_estimate)))
+
+    def _expect(self, out: _Outcome, body: Mapping[str, Any]) -> None:
+        """When a job is seen running, expect it done at start + this workflow's usual execution time."""
+        estimate = self._exec_estimate.get(out.workflow_key or "")
+        if estimate is None or out.submitted_at is None:
+            return
+        delay_s = _seconds(body.get("delayTime"))
+        started_wall = out.submitted_at + delay_s if delay_s is not None else time.time()
+        out.expected_done = asyncio.get_running_loop().time() + (started_wall + estimate - time.time())
 
     async def _on_deadline(self, out: _Outcome) -> None:
         state = JobState.RUNNING if out.seen_running else JobState.QUEUED
@@ -755,6 +800,7 @@ class RunPodRunner(WorkflowRunner):
         if state is JobState.RUNNING and not out.seen_running:
             out.seen_running = True
             out.state = JobState.RUNNING
+            self._expect(out, body)
             out.stream.publish(JobEvent(type=EventType.STARTED, job_id=out.job_id, provider=self.name,
                                         data=_pick(body, ("delayTime", "workerId"))))
             changed = True
@@ -782,6 +828,8 @@ class RunPodRunner(WorkflowRunner):
                 out.stream.publish(JobEvent(type=EventType.STARTED, job_id=out.job_id, provider=self.name,
                                             data=_pick(body, ("delayTime", "workerId"))))
             out.body = dict(body)
+            if state is JobState.SUCCEEDED:
+                self._learn(out, body)
             error = None
             if state is JobState.FAILED:
                 error = parse_failure(body, job_id=out.job_id, provider=self.name)
@@ -812,7 +860,7 @@ class RunPodRunner(WorkflowRunner):
                                         error=error.to_dict() if error else None,
                                         message=str(error) if error else None)
         out.stream.publish(JobEvent(
-            type=_EVENT_OF[state], job_id=out.job_id, provider=self.name,
+            type=STATE_EVENTS[state], job_id=out.job_id, provider=self.name,
             message=str(error) if error else None,
             data={"error": error.to_dict()} if error else _pick(out.body or {}, ("delayTime", "executionTime")),
         ))
@@ -1223,6 +1271,32 @@ def _retry_after(resp: httpx.Response) -> float | None:
 def _short(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
     return text if len(text) < 200 else text[:197] + "..."
+
+
+def _workflow_key(request: JobRequest) -> str:
+    """Jobs of one workflow take about as long as each other: key them by the graph's node types (seeds,
+    prompts and sizes aside), or by ``tags["workflow"]`` when the caller names it."""
+    named = request.tags.get("workflow")
+    if named:
+        return f"tag:{named}"
+    types = sorted(str(n.get("class_type")) for n in request.workflow.to_api().values())
+    return "graph:" + hashlib.sha1("|".join(types).encode()).hexdigest()[:16]
+
+
+class _RateLimiter:
+    """At most ``rate`` acquisitions per second, spread evenly (a leaky bucket of one), shared by pollers."""
+
+    def __init__(self, rate: float):
+        self.interval = 1.0 / rate
+        self._next = 0.0
+
+    async def acquire(self) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        slot = max(now, self._next)
+        self._next = slot + self.interval
+        if slot > now:
+            await asyncio.sleep(slot - now)
 
 
 def _jitter() -> float:
