@@ -234,3 +234,39 @@ async def test_a_submit_cancelled_in_flight_leaves_nothing_queued(local, comfy):
         await task
     await comfy.wait_until(lambda: comfy.stats.deletes == 1)
     assert comfy.queue_remaining == 0
+
+
+async def test_requests_to_comfyui_are_gated_and_a_cancelled_wait_gives_its_slot_back(comfy):
+    """At most max_connections requests go to httpx at once (the rest wait in order), and a waiter that
+    is cancelled does not leak its slot."""
+    from gpubridge.comfy import ComfyClient
+
+    client = ComfyClient(comfy.url, max_connections=2)
+    try:
+        real = client._http.request
+        in_flight, peak, gate = 0, 0, asyncio.Event()
+
+        async def counting(*args, **kwargs):
+            nonlocal in_flight, peak
+            in_flight += 1
+            peak = max(peak, in_flight)
+            try:
+                await gate.wait()
+                return await real(*args, **kwargs)
+            finally:
+                in_flight -= 1
+
+        client._http.request = counting
+        calls = [asyncio.create_task(client.system_stats()) for _ in range(6)]
+        doomed = asyncio.create_task(client.queue())
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert peak == 2  # two in httpx, five waiting at the gate
+        doomed.cancel()
+        gate.set()
+        results = await asyncio.gather(*calls)
+        assert all(r["system"]["comfyui_version"] for r in results)
+        assert peak == 2
+        assert client._slots is not None and client._slots._value == 2  # the cancelled waiter's slot came back
+    finally:
+        await client.aclose()

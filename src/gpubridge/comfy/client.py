@@ -25,7 +25,13 @@ from urllib.parse import urlencode, urlsplit
 import httpx
 import imagesize
 import websockets
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential_jitter
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_delay,
+    wait_exponential_jitter,
+)
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 
@@ -283,7 +289,7 @@ class ComfyClient:
         reconnect_timeout: float = 15.0,
         cancel_wait: float = 30.0,
         ping_interval: float | None = 20.0,
-        max_connections: int = 64,
+        max_connections: int = 4,
     ):
         self.url = url.rstrip("/")
         self.provider = provider
@@ -298,6 +304,18 @@ class ComfyClient:
         self.connect_timeout = connect_timeout
         self._headers = dict(headers or {})
         self._own_http = http is None
+        # At most ``max_connections`` requests are handed to httpx at once; the rest wait here, in FIFO
+        # order. httpcore rescans its whole request queue (and every connection) each time a request is
+        # queued or a response closes, so letting 1,000 concurrent jobs queue inside the pool makes each
+        # request cost O(queued): the client, not ComfyUI, then limits throughput. The wait is bounded by
+        # the pool timeout, as httpx's own queue is. The pool is small (4) for the same reason: every
+        # request checks each idle connection (a socket poll each), and one ComfyUI serves 4 connections as
+        # fast as 64 (bench/scale.py, BENCHMARKS.md). Raise ``max_connections`` for a remote ComfyUI whose
+        # jobs download many large outputs at once.
+        self._max_requests = max_connections if http is None else None
+        self._pool_timeout = timeout
+        self._slots: asyncio.Semaphore | None = None
+        self._slots_loop: asyncio.AbstractEventLoop | None = None
         self._http = http or httpx.AsyncClient(
             base_url=self.url,
             headers=self._headers,
@@ -415,7 +433,35 @@ class ComfyClient:
 
     # ----------------------------------------------------------------------------------------------- HTTP
 
+    def _request_slots(self) -> asyncio.Semaphore | None:
+        if self._max_requests is None:
+            return None
+        loop = asyncio.get_running_loop()
+        if self._slots is None or self._slots_loop is not loop:
+            self._slots = asyncio.Semaphore(self._max_requests)
+            self._slots_loop = loop
+        return self._slots
+
     async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        slots = self._request_slots()
+        if slots is None:
+            return await self._send(method, path, **kwargs)
+        if slots.locked():
+            try:
+                async with asyncio.timeout(self._pool_timeout):
+                    await slots.acquire()
+            except TimeoutError:
+                raise ProviderUnavailable(
+                    f"ComfyUI at {self.url} timed out on {method} {path} (PoolTimeout)", provider=self.provider
+                ) from None
+        else:
+            await slots.acquire()
+        try:
+            return await self._send(method, path, **kwargs)
+        finally:
+            slots.release()
+
+    async def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
             resp = await self._http.request(method, path, **kwargs)
         except httpx.ConnectError as exc:
@@ -735,8 +781,16 @@ class ComfyClient:
             await self._reconcile()
 
     async def _reconnect(self) -> ClientConnection:
+        backoff = wait_exponential_jitter(multiplier=0.05, max=2.0)
+        give_up_at = time.monotonic() + self.reconnect_timeout
+
+        def wait(state: RetryCallState) -> float:
+            # Never sleep past the give-up time: a dead ComfyUI fails its jobs at reconnect_timeout, not
+            # up to one backoff later.
+            return max(0.0, min(backoff(state), give_up_at - time.monotonic()))
+
         async for attempt in AsyncRetrying(
-            wait=wait_exponential_jitter(multiplier=0.05, max=2.0),
+            wait=wait,
             stop=stop_after_delay(self.reconnect_timeout),
             retry=retry_if_exception(_is_transient),
             reraise=True,

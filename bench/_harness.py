@@ -1,0 +1,328 @@
+"""Shared pieces of the benchmarks: servers in subprocesses, the raw baseline client, statistics.
+
+Servers run in their own processes so the client process's CPU time is the client's alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import websockets
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pct(values: list[float], p: float) -> float:
+    """Nearest-rank percentile."""
+    ordered = sorted(values)
+    return ordered[max(1, math.ceil(p / 100 * len(ordered))) - 1]
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    return {
+        "n": len(values),
+        "p50_ms": round(statistics.median(values) * 1000, 3),
+        "p95_ms": round(pct(values, 95) * 1000, 3),
+        "p99_ms": round(pct(values, 99) * 1000, 3),
+        "mean_ms": round(statistics.fmean(values) * 1000, 3),
+    }
+
+
+def tiny_workflow(i: int) -> dict[str, Any]:
+    """EmptyImage 64x64 -> SaveImage, a new colour each time so no run is served from ComfyUI's cache."""
+    return {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1,
+                                                      "color": (i * 7919) % 16777215}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "bench"}},
+    }
+
+
+def _wait_for_line(proc: subprocess.Popen[str], prefix: str, what: str) -> str:
+    assert proc.stdout is not None
+    line = proc.stdout.readline().strip()
+    if not line.startswith(prefix):
+        proc.kill()
+        raise RuntimeError(f"{what} did not start (printed {line!r})")
+    return line
+
+
+def _wait_http(url: str, proc: subprocess.Popen[Any], what: str, timeout: float = 30.0) -> None:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}")
+        with contextlib.suppress(httpx.HTTPError):
+            httpx.get(url, timeout=1.0, trust_env=False)
+            return
+        time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError(f"{what} did not answer at {url}")
+
+
+@dataclass
+class Server:
+    """A server process the benchmark started: its URL and process (for its CPU time)."""
+
+    url: str
+    proc: subprocess.Popen[Any] | None = None
+
+    def cpu_s(self) -> float:
+        return proc_cpu_s(self.proc.pid) if self.proc is not None else float("nan")
+
+
+@contextlib.contextmanager
+def comfy_server(port: int = 0, *, cache: bool = True, **faults: Any) -> Iterator[Server]:
+    """The ComfyUI double as a process (on a free port unless ``port``); yields the :class:`Server`.
+    ``faults`` are its initial fault knobs (``node_delay``, ``paused``, ``crash``...); ``cache=False`` runs
+    every node of every prompt (ComfyUI would serve a repeated prompt from its cache)."""
+    with tempfile.TemporaryDirectory(prefix="gpubridge-bench-") as root:
+        cmd = [sys.executable, "-m", "gpubridge.testing.comfy", "--port", str(port), "--root", root]
+        if not cache:
+            cmd.append("--no-cache")
+        if faults:
+            cmd += ["--faults", json.dumps(faults)]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
+        try:
+            yield Server(_wait_for_line(proc, "http://127.0.0.1:", "the ComfyUI double"), proc)
+        finally:
+            stop(proc)
+
+
+@contextlib.contextmanager
+def comfy_double(**faults: Any) -> Iterator[str]:
+    """The ComfyUI double as a process on a free port; yields its URL."""
+    with comfy_server(**faults) as server:
+        yield server.url
+
+
+@contextlib.contextmanager
+def comfy_or(url: str | None, **faults: Any) -> Iterator[Server]:
+    """The ComfyUI at ``url`` (not started here), or else a fresh double."""
+    if url:
+        yield Server(url.rstrip("/"))
+    else:
+        with comfy_server(**faults) as server:
+            yield server
+
+
+def stop(proc: subprocess.Popen[Any]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(10)
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+@contextlib.contextmanager
+def modal_api(comfy_url: str) -> Iterator[str]:
+    """The Modal job API (modal_app, in-process backend) under uvicorn, as a process; yields its URL."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "modal_app.serve", "--comfy-url", comfy_url, "--port", str(port),
+           "--allow-anonymous"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_http(f"{url}/openapi.json", proc, "the Modal job API")
+        yield url
+    finally:
+        stop(proc)
+
+
+RUNPOD_API_KEY = "bench-key"
+
+
+@contextlib.contextmanager
+def runpod_endpoint(comfy_url: str, **knobs: Any) -> Iterator[dict[str, Any]]:
+    """The RunPod endpoint double running the real worker handler (contrib/runpod_worker) against the
+    ComfyUI at ``comfy_url``, as a process; yields ``{"base_url", "endpoint_id", "api_key"}``.
+    ``knobs`` go to :class:`~gpubridge.testing.runpod.RunPodEndpointDouble`."""
+    cmd = [sys.executable, "-m", "bench._runpod_server", comfy_url, json.dumps(knobs)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "RUNPOD_LOG_LEVEL": "ERROR"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT, env=env)
+    try:
+        info = json.loads(_wait_for_line(proc, "{", "the RunPod endpoint double"))
+        yield {**info, "api_key": RUNPOD_API_KEY}
+    finally:
+        stop(proc)
+
+
+class RawClient:
+    """The baseline: the least a client must do per job. POST /prompt, wait on the websocket for
+    ``executing`` with ``node: null``, GET /history, GET /view for each image. One HTTP pool and one
+    socket, kept alive across jobs."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.client_id = uuid.uuid4().hex
+
+    async def start(self) -> None:
+        self.http = httpx.AsyncClient(base_url=self.url, trust_env=False)
+        ws_url = self.url.replace("http://", "ws://") + f"/ws?clientId={self.client_id}"
+        # max_queue=None as in ComfyClient: frames of other clients' jobs (status broadcasts) pile up while
+        # this client is idle, and a bounded queue would stall the socket (and its close) on them.
+        self.ws = await websockets.connect(ws_url, compression=None, max_size=None, max_queue=None, proxy=None)
+        await self.ws.recv()
+
+    async def run(self, prompt: dict[str, Any]) -> list[bytes]:
+        resp = await self.http.post("/prompt", json={"prompt": prompt, "client_id": self.client_id})
+        prompt_id = resp.json()["prompt_id"]
+        while True:
+            frame = await self.ws.recv()
+            if isinstance(frame, str):
+                msg = json.loads(frame)
+                data = msg["data"]
+                if msg["type"] == "executing" and data.get("node") is None and data.get("prompt_id") == prompt_id:
+                    break
+        history = (await self.http.get(f"/history/{prompt_id}")).json()[prompt_id]
+        images = []
+        for output in history["outputs"].values():
+            for image in output.get("images", []):
+                images.append((await self.http.get("/view", params=image)).content)
+        return images
+
+    async def close(self) -> None:
+        await self.ws.close()
+        await self.http.aclose()
+
+
+# --------------------------------------------------------------------------------------- measurement
+
+
+def proc_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process (from /proc; Linux)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def vm_mb() -> dict[str, float]:
+    """This process's resident set (VmRSS) and its peak (VmHWM), in MiB."""
+    out: dict[str, float] = {}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                key, value = line.split(":", 1)
+                out[key] = int(value.split()[0]) / 1024
+    return out
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux: write 5 to /proc/self/clear_refs)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def quiet_logs() -> None:
+    """Keep the output to the table: the runpod SDK turns on INFO logging for everything it imports, and the
+    failover section makes gpubridge warn (on purpose) about dropped websockets."""
+    import logging
+
+    for name in ("httpx", "httpcore", "runpod", "websockets", "aiohttp", "uvicorn"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("gpubridge").setLevel(logging.ERROR)
+
+
+class Counter:
+    """A fresh index per job, so no two jobs in a run share a prompt (and ComfyUI's cache)."""
+
+    def __init__(self, start: int = 1):
+        self.n = start
+
+    def __call__(self) -> int:
+        self.n += 1
+        return self.n
+
+
+@dataclass
+class Arm:
+    """One side of a comparison: ``run()`` performs one job."""
+
+    name: str
+    run: Callable[[], Awaitable[Any]]
+    latencies: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
+
+
+async def alternate(arms: list[Arm], jobs: int, block: int, warmup: int = 3) -> None:
+    """Run ``jobs`` jobs per arm, sequentially, in blocks of ``block`` that alternate between the arms (the
+    order reversed every round, ABBA), after ``warmup`` uncounted jobs per arm. Latency (wall) and this
+    process's CPU time are recorded per job, so drift and noise hit every arm alike."""
+    for arm in arms:
+        for _ in range(warmup):
+            await arm.run()
+    order = list(arms)
+    while min(len(a.latencies) for a in arms) < jobs:
+        for arm in order:
+            for _ in range(min(block, jobs - len(arm.latencies))):
+                c0, t0 = time.process_time(), time.perf_counter()
+                await arm.run()
+                arm.latencies.append(time.perf_counter() - t0)
+                arm.cpu.append(time.process_time() - c0)
+        order.reverse()
+
+
+@dataclass
+class Row:
+    """One line of the table. ``ratio`` is candidate / baseline; ``result`` is pass, FAIL or info."""
+
+    section: str
+    what: str
+    baseline: str
+    candidate: str
+    ratio: float | None
+    bound: str
+    result: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ("section", "what", "baseline", "candidate", "ratio", "bound",
+                                              "result", "data")}
+
+
+def verdict(ok: bool) -> str:
+    return "pass" if ok else "FAIL"
+
+
+def ms(seconds: float, digits: int = 2) -> str:
+    return f"{seconds * 1000:.{digits}f} ms"
+
+
+def table(rows: list[Row]) -> str:
+    head = ("section", "what", "baseline", "candidate", "ratio", "target/bound", "result")
+    body = [(r.section, r.what, r.baseline, r.candidate, "" if r.ratio is None else f"{r.ratio:.2f}x", r.bound,
+             r.result) for r in rows]
+    widths = [max(len(str(x[i])) for x in [head, *body]) for i in range(len(head))]
+    lines = ["| " + " | ".join(str(c).ljust(w) for c, w in zip(head, widths)) + " |",
+             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    lines += ["| " + " | ".join(str(c).ljust(w) for c, w in zip(x, widths)) + " |" for x in body]
+    return "\n".join(lines)

@@ -1,0 +1,92 @@
+"""Per-job overhead: gpubridge's local provider against the minimal raw ComfyUI client, on the same ComfyUI.
+
+    python -m bench.overhead [--quick] [--comfy-url URL] [--jobs N]
+
+The raw client (``bench._harness.RawClient``) does the least a client must: ``POST /prompt``, wait on the
+websocket for ``executing`` with ``node: null``, ``GET /history``, ``GET /view``. gpubridge's local
+provider does everything it always does (validation against the cached ``/object_info``, a per-job output
+prefix, typed events, the ``JobResult`` with artifacts and timings). Both run the same tiny workflow
+(EmptyImage 64x64 -> SaveImage, a new colour each job so nothing is cached), one job at a time, in
+alternating blocks after a warm-up; the server is a process of its own (the ComfyUI double by default, or
+the ComfyUI at ``--comfy-url``), so this process's CPU time is the client's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+from typing import Any
+
+from bench._harness import (
+    Arm,
+    Counter,
+    RawClient,
+    Row,
+    alternate,
+    comfy_or,
+    ms,
+    table,
+    tiny_workflow,
+    verdict,
+)
+
+TARGET = 1.05
+SIZES = {"full": {"jobs": 400, "block": 25}, "quick": {"jobs": 100, "block": 20}}
+
+
+async def measure(url: str, jobs: int, block: int) -> dict[str, Any]:
+    from gpubridge.providers.local import LocalRunner
+
+    nxt = Counter()
+    raw = RawClient(url)
+    await raw.start()
+    runner = LocalRunner(url)
+
+    async def run_raw() -> None:
+        images = await raw.run(tiny_workflow(nxt()))
+        assert len(images) == 1
+
+    async def run_ours() -> None:
+        result = await runner.run(tiny_workflow(nxt()))
+        assert len(result.images) == 1
+
+    arms = [Arm("raw", run_raw), Arm("gpubridge", run_ours)]
+    try:
+        await alternate(arms, jobs, block)
+    finally:
+        await raw.close()
+        await runner.aclose()
+    return {a.name: {"p50": statistics.median(a.latencies), "mean": statistics.fmean(a.latencies),
+                     "cpu": statistics.fmean(a.cpu), "n": len(a.latencies)} for a in arms}
+
+
+def run(quick: bool = False, comfy_url: str | None = None, jobs: int | None = None) -> list[Row]:
+    size = SIZES["quick" if quick else "full"]
+    with comfy_or(comfy_url) as server:
+        found = asyncio.run(measure(server.url, jobs or size["jobs"], size["block"]))
+    raw, ours = found["raw"], found["gpubridge"]
+    where = "real ComfyUI" if comfy_url else "ComfyUI double"
+    ratio = ours["p50"] / raw["p50"]
+    return [
+        Row("overhead", f"local provider vs raw client, p50 per job ({where}, n={raw['n']})",
+            ms(raw["p50"]), ms(ours["p50"]), ratio, f"<= {TARGET:.2f}x", verdict(ratio <= TARGET), found),
+        Row("overhead", f"client CPU per job, local vs raw ({where})", ms(raw["cpu"]), ms(ours["cpu"]),
+            ours["cpu"] / raw["cpu"], "", "info"),
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.overhead", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--comfy-url", default=None, help="a running ComfyUI (default: start the double)")
+    parser.add_argument("--jobs", type=int, default=None, help="jobs per arm")
+    args = parser.parse_args(argv)
+    rows = run(args.quick, args.comfy_url, args.jobs)
+    print(table(rows))
+    return 0 if all(r.result != "FAIL" for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""Smoke test of the benchmarks: the modules import, and the smallest sizes of two sections produce rows of
+the table's shape. Structure only: no timing is asserted (numbers depend on the machine)."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+from bench._harness import Row, table
+
+MODULES = ["bench.__main__", "bench._harness", "bench._runpod_server", "bench.overhead", "bench.paths", "bench.peer",
+           "bench.scale", "bench.failover_reaction", "bench.shadow", "bench.shadow_overhead", "bench.runpod_vs_sdk"]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_bench_modules_import(name: str) -> None:
+    importlib.import_module(name)
+
+
+def check_rows(rows: list[Row], section: str) -> None:
+    assert rows and all(isinstance(r, Row) and r.section == section for r in rows)
+    assert all(r.result in ("pass", "FAIL", "info") for r in rows)
+    text = table(rows)
+    assert len(text.splitlines()) == len(rows) + 2
+
+
+def test_overhead_smallest() -> None:
+    from bench import overhead
+
+    rows = overhead.run(quick=True, jobs=4)
+    check_rows(rows, "overhead")
+    assert rows[0].ratio is not None and rows[0].ratio > 0
+    assert rows[0].data["raw"]["n"] == rows[0].data["gpubridge"]["n"] == 4
+
+
+def test_scale_smallest() -> None:
+    from bench import scale
+
+    rows, found = scale.run(quick=True, jobs=10, rounds=2, levels=[1, 10], profile=False)
+    check_rows(rows, "scale")
+    assert len(found["rounds"]) == 2 and [s["concurrency"] for s in found["sweep"]] == [1, 10]
+    assert all(r["retained_jobs"] == 0 and r["background_tasks"] == 0 for r in found["rounds"])
+    assert scale.plateau(found["sweep"]) in (1, 10)
+
+
+def test_cli_rejects_unknown_section() -> None:
+    from bench.__main__ import main
+
+    with pytest.raises(SystemExit):
+        main(["--only", "nope"])
