@@ -270,3 +270,19 @@ async def test_requests_to_comfyui_are_gated_and_a_cancelled_wait_gives_its_slot
         assert client._slots is not None and client._slots._value == 2  # the cancelled waiter's slot came back
     finally:
         await client.aclose()
+
+
+async def test_uncollected_finished_jobs_are_bounded(comfy):
+    from gpubridge.comfy import ComfyClient
+
+    client = ComfyClient(comfy.url, max_retained=3)
+    try:
+        jobs = []
+        for i in range(6):
+            job = await client.submit(INVERT.with_values({"Canvas.color": i}).to_api())
+            await job.wait()
+            jobs.append(job.prompt_id)
+        assert len(client._jobs) <= 4 and jobs[-1] in client._jobs and jobs[0] not in client._jobs
+        assert (await client.remote_status(jobs[0])).state is JobState.SUCCEEDED  # still in ComfyUI's history
+    finally:
+        await client.aclose()

@@ -290,9 +290,11 @@ class ComfyClient:
         cancel_wait: float = 30.0,
         ping_interval: float | None = 20.0,
         max_connections: int = 4,
+        max_retained: int = 10_000,
     ):
         self.url = url.rstrip("/")
         self.provider = provider
+        self.max_retained = max_retained
         self.client_id = client_id or uuid.uuid4().hex
         self.output_prefix = output_prefix
         self.validate = validate
@@ -561,6 +563,15 @@ class ComfyClient:
     def job(self, prompt_id: str) -> ComfyJob | None:
         return self._jobs.get(prompt_id)
 
+    def _prune_finished(self) -> None:
+        """Bound the records of finished jobs nobody collected (submit-only callers): the oldest go first.
+        Their results stay readable from ComfyUI's history."""
+        excess = len(self._jobs) - self.max_retained
+        if excess <= 0:
+            return
+        for prompt_id in [pid for pid, job in self._jobs.items() if job.finished][:excess]:
+            del self._jobs[prompt_id]
+
     def forget(self, prompt_id: str) -> None:
         """Drop a finished job's record (the provider calls this once its result is delivered)."""
         job = self._jobs.get(prompt_id)
@@ -598,6 +609,7 @@ class ComfyClient:
 
         job = ComfyJob(self, prompt_id, sent, deadline)
         job.upload_s = upload_s
+        self._prune_finished()
         self._jobs[prompt_id] = job  # before POST: its first frames can arrive before the response
         job._emit(EventType.QUEUED)
         body: dict[str, Any] = {"prompt": sent, "client_id": self.client_id, "prompt_id": prompt_id}
