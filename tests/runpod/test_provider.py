@@ -555,3 +555,21 @@ def test_rate_limiter_spreads_polls():
     times = asyncio.run(main())
     # the i-th poll never goes out before its slot: at most rate x elapsed polls, however they arrive
     assert all(t - times[0] >= i * 0.002 * 0.999 for i, t in enumerate(times))
+
+
+async def test_a_job_done_between_two_polls_still_reports_started():
+    """A job that went from IN_QUEUE to COMPLETED between two polls, in under a millisecond
+    (executionTime 0), still shows STARTED before SUCCEEDED."""
+    base = "http://127.0.0.1:9/v2"
+    with respx.mock(assert_all_called=False) as mock:
+        mock.post(f"{base}/ep/run").respond(200, json={"id": "j1", "status": "IN_QUEUE"})
+        mock.get(f"{base}/ep/status/j1").respond(200, json={
+            "id": "j1", "status": "COMPLETED", "delayTime": 3, "executionTime": 0,
+            "output": {"images": []}})
+        r = RunPodRunner("ep", api_key="k", base_url=base, poll_initial=0.001)
+        try:
+            events = []
+            await r.run(req(), on_event=events.append)
+            assert [e.type for e in events] == [EventType.QUEUED, EventType.STARTED, EventType.SUCCEEDED]
+        finally:
+            await r.aclose()

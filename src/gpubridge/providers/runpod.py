@@ -822,7 +822,7 @@ class RunPodRunner(WorkflowRunner):
                             value=progress.value, max=progress.max))
         out.last_status = self._status_of(out.job_id, body)
         if state.is_terminal:
-            if not out.seen_running and body.get("executionTime"):
+            if not out.seen_running and (state is JobState.SUCCEEDED or body.get("executionTime") is not None):
                 # It ran between two looks (or inside a /runsync wait): keep the event order complete.
                 out.seen_running = True
                 out.stream.publish(JobEvent(type=EventType.STARTED, job_id=out.job_id, provider=self.name,
