@@ -91,6 +91,25 @@ def _runner(provider: str | None, config: Path | None, url: str | None):
     return connect(provider, settings=settings, **options), settings
 
 
+def _call(provider: str | None, config: Path | None, url: str | None, as_json: bool,
+          method: Callable[[Any], Awaitable[T]]) -> T:
+    """Open the configured runner, await ``method(runner)``, close it; errors become exit codes."""
+
+    async def main() -> T:
+        runner, _ = _runner(provider, config, url)
+        async with runner:
+            return await method(runner)
+
+    return _execute(main, as_json=as_json)
+
+
+def _print_status(st: JobStatus, as_json: bool) -> None:
+    if as_json:
+        print(st.model_dump_json(indent=2))
+    else:
+        out.print(_status_table(st))
+
+
 def _parse_value(text: str) -> Any:
     try:
         return json.loads(text)
@@ -230,13 +249,10 @@ def submit(
 ) -> None:
     """Submit a workflow and print its job id without waiting."""
 
-    async def main():
-        request = _build_request(workflow, set_, input_, timeout)
-        runner, _ = _runner(provider, config, url)
-        async with runner:
-            return await runner.submit(request)
+    async def submit_it(runner):
+        return await runner.submit(_build_request(workflow, set_, input_, timeout))
 
-    handle = _execute(main, as_json=as_json)
+    handle = _call(provider, config, url, as_json, submit_it)
     if as_json:
         print(handle.model_dump_json(indent=2))
     else:
@@ -266,17 +282,7 @@ def status(
     url: UrlOpt = None,
 ) -> None:
     """Show a job's state, progress and queue position."""
-
-    async def main():
-        runner, _ = _runner(provider, config, url)
-        async with runner:
-            return await runner.status(job_id)
-
-    st = _execute(main, as_json=as_json)
-    if as_json:
-        print(st.model_dump_json(indent=2))
-    else:
-        out.print(_status_table(st))
+    _print_status(_call(provider, config, url, as_json, lambda runner: runner.status(job_id)), as_json)
 
 
 @app.command()
@@ -290,13 +296,7 @@ def result(
     url: UrlOpt = None,
 ) -> None:
     """Wait for a submitted job and fetch its outputs."""
-
-    async def main():
-        runner, _ = _runner(provider, config, url)
-        async with runner:
-            return await runner.wait(job_id, timeout=timeout)
-
-    res = _execute(main, as_json=as_json)
+    res = _call(provider, config, url, as_json, lambda runner: runner.wait(job_id, timeout=timeout))
     saved = res.save(out_dir) if out_dir else None
     if as_json:
         print(json.dumps(res.summary(), indent=2, default=str))
@@ -313,17 +313,7 @@ def cancel(
     url: UrlOpt = None,
 ) -> None:
     """Cancel a job: remove it from the queue, or interrupt it if it runs."""
-
-    async def main():
-        runner, _ = _runner(provider, config, url)
-        async with runner:
-            return await runner.cancel(job_id)
-
-    st = _execute(main, as_json=as_json)
-    if as_json:
-        print(st.model_dump_json(indent=2))
-    else:
-        out.print(_status_table(st))
+    _print_status(_call(provider, config, url, as_json, lambda runner: runner.cancel(job_id)), as_json)
 
 
 @app.command()
@@ -334,13 +324,7 @@ def health(
     url: UrlOpt = None,
 ) -> None:
     """Check the provider's health (and that of its fallbacks, when configured)."""
-
-    async def main():
-        runner, _ = _runner(provider, config, url)
-        async with runner:
-            return await runner.health()
-
-    report = _execute(main, as_json=as_json)
+    report = _call(provider, config, url, as_json, lambda runner: runner.health())
     if as_json:
         print(report.model_dump_json(indent=2))
         raise typer.Exit(0 if report.ok else 3)
