@@ -597,14 +597,21 @@ class RunPodRunner(WorkflowRunner):
             out.task = asyncio.create_task(self._poll(out), name=f"runpod-poll-{job_id[:12]}")
         return out
 
+    @staticmethod
+    def _settled(out: _Outcome | None) -> JobStatus | None:
+        """The final status of a job this runner already saw end (no request needed)."""
+        if out is None or not out.done.is_set():
+            return None
+        if isinstance(out.error, JobNotFound):
+            raise out.error
+        return out.last_status
+
     async def status(self, job: JobRef) -> JobStatus:
         job_id = job_id_of(job)
         out = self._jobs.get(job_id)
-        if out is not None and out.done.is_set():
-            if isinstance(out.error, JobNotFound):
-                raise out.error
-            if out.last_status is not None:
-                return out.last_status
+        settled = self._settled(out)
+        if settled is not None:
+            return settled
         try:
             body = await self._call("GET", f"/status/{job_id}")
         except _NotFound:
@@ -641,11 +648,9 @@ class RunPodRunner(WorkflowRunner):
     async def cancel(self, job: JobRef) -> JobStatus:
         job_id = job_id_of(job)
         out = self._jobs.get(job_id)
-        if out is not None and out.done.is_set():
-            if isinstance(out.error, JobNotFound):
-                raise out.error
-            if out.last_status is not None:
-                return out.last_status
+        settled = self._settled(out)
+        if settled is not None:
+            return settled
         try:
             body = await self._call("POST", f"/cancel/{job_id}")
         except _NotFound:
