@@ -25,11 +25,13 @@ the original has been cancelled::
         └── JobNotFound              unknown job id, or its result expired at the backend
             └── ResultExpired        the backend dropped the result (retention window passed)
 
-Errors never carry secrets: messages name URLs and job ids, never tokens or auth headers.
+Errors never carry secrets: messages name URLs and job ids, never tokens or auth headers, and the
+``user:password@`` of any URL in a message is replaced by ``***@`` (:func:`scrub`).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -55,7 +57,22 @@ __all__ = [
     "JobNotFound",
     "ResultExpired",
     "is_retryable",
+    "redact_url",
+    "scrub",
 ]
+
+# ``scheme://user:password@host``: the credentials part of a URL, wherever it stands in a text.
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@?#]*@")
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any ``user:password@`` replaced by ``***@``, for messages, logs and reprs."""
+    return _USERINFO.sub(r"\1***@", url)
+
+
+def scrub(text: str) -> str:
+    """``text`` with the credentials of every URL in it replaced by ``***`` (see :func:`redact_url`)."""
+    return _USERINFO.sub(r"\1***@", text) if "@" in text else text
 
 
 class GpuBridgeError(Exception):
@@ -71,6 +88,7 @@ class GpuBridgeError(Exception):
     job_may_be_running: bool = False
 
     def __init__(self, message: str = "", *, provider: str | None = None, retryable: bool | None = None):
+        message = scrub(message)  # a URL with user:password@ in it never reaches a message
         super().__init__(message)
         self.message = message
         self.provider = provider
