@@ -61,8 +61,10 @@ from gpubridge.errors import (
     JobTimeout,
     ProviderUnavailable,
     WorkflowError,
+    WorkflowInputError,
     WorkflowInvalid,
 )
+from gpubridge.fetch import parse_url
 from gpubridge.models import Artifact, ArtifactKind, EventType, InputFile, JobResult, Workflow
 
 __all__ = ["handler", "init", "configure", "aclose", "WorkerConfig", "Worker", "parse_input"]
@@ -186,6 +188,8 @@ def parse_input(raw: Any) -> JobInput:
             name, value = str(item["name"]), item["image"]
             try:
                 images[name] = _decode_image(name, value)
+            except _BadUrl as exc:
+                errors.append(str(exc))
             except ValueError as exc:
                 errors.append(f"Error decoding base64 for {name}: {exc}")
         if errors:
@@ -200,10 +204,20 @@ def parse_input(raw: Any) -> JobInput:
     )
 
 
+class _BadUrl(ValueError):
+    pass
+
+
 def _decode_image(name: str, value: Any) -> InputFile:
     if not isinstance(value, str) or not value:
         raise ValueError("the image must be a base64 string, a data URI or a URL")
     if value.startswith(("http://", "https://")):
+        # Syntax checked here; the address, size, time and type when it is fetched (gpubridge.fetch,
+        # configured by GPUBRIDGE_FETCH_*: private and loopback addresses are refused unless allowed).
+        try:
+            parse_url(value, f"image {name!r}")
+        except WorkflowInputError as exc:
+            raise _BadUrl(str(exc)) from None
         return InputFile(url=value)
     if value.startswith("data:") or "," in value[:100]:
         value = value.split(",", 1)[1]  # worker-comfyui: strip any data URI prefix

@@ -50,6 +50,7 @@ __all__ = [
     "find_config_file",
     "load_toml",
     "DEFAULT_COMFY_URL",
+    "FetchSettings",
 ]
 
 DEFAULT_COMFY_URL = "http://127.0.0.1:8188"
@@ -231,6 +232,8 @@ class Settings(_LayeredSettings):
     """In the canary stage, the share of jobs routed to ``shadow`` (``GPUBRIDGE_CANARY_WEIGHT``)."""
     pricing: dict[str, float] = Field(default_factory=dict)
     """GPU price table in USD per second, overriding the built-in one (e.g. ``L40S = 0.000542``)."""
+    fetch: dict[str, Any] = Field(default_factory=dict)
+    """The ``[fetch]`` table: how caller-supplied URLs are fetched (read by :class:`FetchSettings`)."""
 
     config_file: Path | None = Field(default=None, exclude=True)
 
@@ -268,3 +271,38 @@ class ProviderSettings(_LayeredSettings):
         name = getattr(cls, "section", "")
         where = f" for provider {name!r}" + (f" ({settings.config_file})" if settings.config_file else "")
         return cls._build(settings.provider_section(name), overrides, where)
+
+
+class FetchSettings(_LayeredSettings):
+    """How caller-supplied URLs are fetched (see :mod:`gpubridge.fetch`): environment ``GPUBRIDGE_FETCH_*``
+    over the TOML table ``[fetch]``. Loopback, private, link-local and metadata addresses are refused unless
+    ``allow`` names them."""
+
+    model_config = SettingsConfigDict(env_prefix="GPUBRIDGE_FETCH_")
+
+    allow: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Host names and CIDR ranges reachable even though private (``127.0.0.1,10.2.0.0/16,bucket.internal``)."""
+    max_bytes: int = Field(default=100 * 1024 * 1024, gt=0)
+    """Largest body one URL input may have (refused while streaming, never buffered past it)."""
+    timeout: float = Field(default=60.0, gt=0)
+    """Total seconds for one fetch, redirects and body included."""
+    max_redirects: int = Field(default=5, ge=0)
+    content_types: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["image/", "video/", "audio/", "application/octet-stream", "binary/octet-stream"]
+    )
+    """Allowed Content-Type prefixes (a body with no Content-Type is allowed)."""
+
+    @field_validator("allow", "content_types", mode="before")
+    @classmethod
+    def _normalise_lists(cls, value: Any) -> Any:
+        return _split_list(value)
+
+    @classmethod
+    def load(cls, config_file: str | Path | None = None, **overrides: Any) -> FetchSettings:
+        """The ``[fetch]`` table of the config file (explicit, or found by :func:`find_config_file`), then the
+        environment. Only that table is read, so the rest of the file cannot break a fetch."""
+        path = Path(config_file).expanduser() if config_file else find_config_file()
+        table = load_toml(path).get("fetch", {}) if path else {}
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"[fetch] in {path} must be a table")
+        return cls._build(table, overrides, f" for [fetch] in {path}" if path else " for GPUBRIDGE_FETCH_*")

@@ -17,7 +17,8 @@ the original has been cancelled::
     ├── ProviderError                the backend could not be reached or misbehaved       retryable
     │   ├── ProviderUnavailable      connection refused/reset, 5xx, health red, worker crashed
     │   ├── RateLimited              429 / throttled; carries retry_after
-    │   └── ProtocolError            a response we could not understand (malformed JSON, ...)
+    │   ├── ProtocolError            a response we could not understand (malformed JSON, ...)
+    │   └── InputUnavailable         an input URL's own server failed (5xx, timeout)
     └── JobError                     a job was accepted, then did not produce a result
         ├── JobFailed                the workflow raised while executing (node, exception, traceback)
         ├── JobTimeout               the job's deadline passed; it was interrupted/removed       retryable
@@ -50,6 +51,7 @@ __all__ = [
     "ProviderUnavailable",
     "RateLimited",
     "ProtocolError",
+    "InputUnavailable",
     "JobError",
     "JobFailed",
     "JobTimeout",
@@ -264,6 +266,11 @@ class RateLimited(ProviderError):
 
 class ProtocolError(ProviderError):
     """A response that does not follow the protocol (malformed JSON, missing fields)."""
+
+
+class InputUnavailable(ProviderError):
+    """A caller-supplied input URL could not be fetched right now (its server answered 5xx, timed out or
+    dropped the connection). Retryable; a refused or wrong URL is a :class:`WorkflowInputError` instead."""
 
 
 class JobError(GpuBridgeError):

@@ -46,8 +46,10 @@ from ..errors import (
     ProtocolError,
     ProviderUnavailable,
     RateLimited,
+    WorkflowInputError,
     WorkflowInvalid,
 )
+from ..fetch import UrlFetcher
 from ..models import (
     Artifact,
     ArtifactKind,
@@ -651,7 +653,7 @@ class ComfyClient:
         async def one(name: str, item: InputFile | bytes) -> tuple[str, str]:
             data = item if isinstance(item, bytes) else item.data
             if data is None:
-                data = await self._fetch_url(item.url)  # type: ignore[union-attr]
+                data = await self._fetch_url(item.url, name)  # type: ignore[union-attr]
             info = await self.upload_image(data, protocol.input_upload_name(name, data), subfolder="gpubridge")
             sub = info.get("subfolder") or ""
             return name, f"{sub}/{info['name']}" if sub else info["name"]
@@ -659,18 +661,14 @@ class ComfyClient:
         pairs = await asyncio.gather(*(one(n, i) for n, i in inputs.items()))
         return dict(pairs)
 
-    async def _fetch_url(self, url: str | None) -> bytes:
+    async def _fetch_url(self, url: str | None, name: str | None = None) -> bytes:
+        """A URL input's bytes, through the guarded fetcher (no private addresses, size and time caps)."""
         if not url:
-            raise ProtocolError("input has neither data nor url")
-        async with httpx.AsyncClient(timeout=60.0, follow_redirects=True) as http:
-            try:
-                resp = await http.get(url)
-                resp.raise_for_status()
-            except httpx.HTTPError as exc:
-                from ..errors import WorkflowInputError
-
-                raise WorkflowInputError(f"Cannot download input {url}: {_short(exc)}") from None
-            return resp.content
+            raise WorkflowInputError(f"input {name!r} has neither data nor url" if name else "input has no data or url")
+        fetcher = getattr(self, "url_fetcher", None)
+        if fetcher is None:
+            fetcher = self.url_fetcher = UrlFetcher.from_settings()
+        return (await fetcher.fetch(url, name=name)).data
 
     async def _validator(self, *, refresh: bool = False) -> PromptValidator:
         info = await self.object_info(refresh=refresh)
