@@ -12,6 +12,7 @@ Sections (``--only`` takes their names):
   rounds, the concurrency where throughput stops growing and why;
 - ``failover``: reaction time from a stuck or crashed job to the rerouted job starting, against its bound;
 - ``shadow``: primary-path latency with shadow traffic at 100 % against without.
+- ``url_input``: peak RSS of the job API while a 400 MB URL input is refused (bound +80 MB).
 
 Every server (ComfyUI double, Modal job API, RunPod endpoint double) runs in a process of its own, so this
 process's CPU time is the client's. ``--comfy-url`` points ``overhead`` and ``paths`` at a running ComfyUI
@@ -34,7 +35,7 @@ from typing import Any
 
 from bench._harness import Row, quiet_logs, table
 
-SECTIONS = ("overhead", "paths", "peer", "scale", "failover", "shadow")
+SECTIONS = ("overhead", "paths", "peer", "scale", "failover", "shadow", "url_input")
 
 
 def _section(name: str, quick: bool, comfy_url: str | None) -> tuple[list[Row], Any]:
@@ -62,6 +63,10 @@ def _section(name: str, quick: bool, comfy_url: str | None) -> tuple[list[Row], 
         from bench import shadow
 
         return shadow.run(quick), None
+    if name == "url_input":
+        from bench import url_input
+
+        return url_input.run(quick), None
     raise ValueError(name)
 
 

@@ -29,6 +29,7 @@ import ipaddress
 import re
 import socket
 import ssl
+import tempfile
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -254,6 +255,7 @@ class UrlFetcher:
         resolver: Resolver | None = None,
         policy: AddressPolicy | None = None,
         chunk_size: int = 64 * 1024,
+        spool_bytes: int = 1024 * 1024,
     ):
         self.policy = policy or AddressPolicy(allow)
         self.max_bytes = max_bytes
@@ -262,6 +264,7 @@ class UrlFetcher:
         self.content_types = tuple(c.lower() for c in content_types) if content_types else None
         self.resolver: Resolver = resolver or system_resolver
         self.chunk_size = chunk_size
+        self.spool_bytes = spool_bytes
         self._ssl: ssl.SSLContext | None = None
 
     @classmethod
@@ -387,16 +390,22 @@ class UrlFetcher:
         length = response.headers.get("content-length")
         if length and length.strip().isdigit() and int(length) > self.max_bytes:
             raise PayloadTooLarge(f"{too_big} ({int(length)} bytes)", size=int(length), limit=self.max_bytes)
-        chunks: list[bytes] = []
-        size = 0
-        try:
-            async for chunk in response.aiter_bytes(self.chunk_size):
-                size += len(chunk)
-                if size > self.max_bytes:
-                    raise PayloadTooLarge(too_big, limit=self.max_bytes)
-                chunks.append(chunk)
-        except httpx.TimeoutException:
-            raise InputUnavailable(f"{what}: {show_url(u)} stalled while sending its body") from None
-        except httpx.HTTPError as exc:
-            raise InputUnavailable(f"{what}: the download of {show_url(u)} broke: {type(exc).__name__}") from None
-        return Fetched(b"".join(chunks), content_type, show_url(u))
+        # Spooled: a body refused at the cap never sat in memory, and an accepted one is held once (no
+        # list of chunks joined into a second copy).
+        with tempfile.SpooledTemporaryFile(max_size=self.spool_bytes) as spool:
+            size = 0
+            try:
+                async for chunk in response.aiter_bytes(self.chunk_size):
+                    size += len(chunk)
+                    if size > self.max_bytes:
+                        raise PayloadTooLarge(too_big, limit=self.max_bytes)
+                    spool.write(chunk)
+            except httpx.TimeoutException:
+                raise InputUnavailable(f"{what}: {show_url(u)} stalled while sending its body") from None
+            except httpx.HTTPError as exc:
+                raise InputUnavailable(
+                    f"{what}: the download of {show_url(u)} broke: {type(exc).__name__}"
+                ) from None
+            spool.seek(0)
+            data = spool.read()
+        return Fetched(data, content_type, show_url(u))
