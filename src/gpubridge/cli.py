@@ -1,14 +1,18 @@
 """The ``gpubridge`` command line (typer + rich).
 
 Exit codes: 0 success; 1 the job failed or was cancelled; 2 bad usage, workflow or configuration;
-3 the provider is unreachable or refused our credentials; 4 the job timed out; 130 interrupted.
+3 the provider is unreachable or refused our credentials; 4 the job timed out; 130 interrupted (SIGINT);
+143 terminated (SIGTERM, as sent by ``timeout``, systemd and Kubernetes). On either signal a running job is
+cancelled at the backend before the command exits.
 Progress goes to stderr, so ``--json`` output on stdout stays machine-readable.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import signal
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -69,10 +73,42 @@ def _exit_code(exc: BaseException) -> int:
     return 1
 
 
-def _execute(coro_fn: Callable[[], Awaitable[T]], *, as_json: bool = False) -> T:
+async def _until_terminated(coro_fn: Callable[[], Awaitable[T]], terminated: list[bool]) -> T:
+    """Run ``coro_fn()``; SIGTERM cancels it as SIGINT does (so a running job is cancelled at the backend).
+    A second SIGTERM, while that cleanup runs, terminates at once."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+
+    def on_sigterm() -> None:
+        terminated.append(True)
+        loop.remove_signal_handler(signal.SIGTERM)
+        if task is not None:
+            task.cancel()
+
+    installed = False
+    with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # no signals here (Windows, thread)
+        loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+        installed = True
     try:
-        return asyncio.run(coro_fn())
+        return await coro_fn()
+    finally:
+        if installed and not terminated:
+            loop.remove_signal_handler(signal.SIGTERM)
+
+
+def _execute(coro_fn: Callable[[], Awaitable[T]], *, as_json: bool = False) -> T:
+    terminated: list[bool] = []
+    try:
+        return asyncio.run(_until_terminated(coro_fn, terminated))
+    except asyncio.CancelledError:
+        if not terminated:
+            raise
+        err.print("terminated")
+        raise typer.Exit(143) from None
     except GpuBridgeError as exc:
+        if terminated:  # the cancellation surfaced as the job's own error (JobCancelled, ...)
+            err.print(f"terminated ({type(exc).__name__}: {exc})")
+            raise typer.Exit(143) from None
         if as_json:
             print(json.dumps({"error": exc.to_dict()}, default=str))
         else:
@@ -81,6 +117,13 @@ def _execute(coro_fn: Callable[[], Awaitable[T]], *, as_json: bool = False) -> T
     except KeyboardInterrupt:
         err.print("interrupted")
         raise typer.Exit(130) from None
+
+
+def _positive_seconds(value: float | None) -> float | None:
+    """``--timeout``: a positive, finite number of seconds (0, negatives, inf and nan are usage errors)."""
+    if value is not None and not (0 < value < float("inf")):
+        raise typer.BadParameter(f"must be a positive number of seconds, got {value:g}")
+    return value
 
 
 def _runner(provider: str | None, config: Path | None, url: str | None):
@@ -188,7 +231,8 @@ def run(
     input_: Annotated[list[str], typer.Option("--input", "-i", help="NAME=PATH: an input file LoadImage "
                                               "refers to as NAME.")] = [],  # noqa: B006
     out_dir: Annotated[Path | None, typer.Option("--out", "-o", help="Write artifacts to this folder.")] = None,
-    timeout: Annotated[float | None, typer.Option("--timeout", "-t", help="Job deadline in seconds.")] = None,
+    timeout: Annotated[float | None, typer.Option("--timeout", "-t", help="Job deadline in seconds.",
+                                                  callback=_positive_seconds)] = None,
     as_json: JsonOpt = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No live progress.")] = False,
     config: ConfigOpt = None,
@@ -242,7 +286,7 @@ def submit(
     provider: ProviderOpt = None,
     set_: Annotated[list[str], typer.Option("--set", "-s", help="NODE.input=VALUE")] = [],  # noqa: B006
     input_: Annotated[list[str], typer.Option("--input", "-i", help="NAME=PATH")] = [],  # noqa: B006
-    timeout: Annotated[float | None, typer.Option("--timeout", "-t")] = None,
+    timeout: Annotated[float | None, typer.Option("--timeout", "-t", callback=_positive_seconds)] = None,
     as_json: JsonOpt = False,
     config: ConfigOpt = None,
     url: UrlOpt = None,
@@ -290,7 +334,8 @@ def result(
     job_id: Annotated[str, typer.Argument(help="The job id printed by submit.")],
     provider: ProviderOpt = None,
     out_dir: Annotated[Path | None, typer.Option("--out", "-o", help="Write artifacts to this folder.")] = None,
-    timeout: Annotated[float | None, typer.Option("--timeout", "-t", help="Stop waiting after S seconds.")] = None,
+    timeout: Annotated[float | None, typer.Option("--timeout", "-t", help="Stop waiting after S seconds.",
+                                                  callback=_positive_seconds)] = None,
     as_json: JsonOpt = False,
     config: ConfigOpt = None,
     url: UrlOpt = None,

@@ -123,6 +123,8 @@ def load_toml(path: Path) -> dict[str, Any]:
             return tomllib.load(fh)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"Cannot parse {path}: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"Cannot parse {path}: not UTF-8 text (byte {exc.start}); TOML files are UTF-8") from None
     except OSError as exc:
         raise ConfigError(f"Cannot read {path}: {exc}") from None
 

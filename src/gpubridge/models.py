@@ -12,6 +12,7 @@ import difflib
 import enum
 import json
 import mimetypes
+import re
 import time
 import uuid
 from collections.abc import Iterable, Mapping
@@ -555,18 +556,49 @@ class Artifact(BaseModel):
     metadata: dict[str, Any] = Field(default_factory=dict)
 
     def save(self, directory: str | Path, *, name: str | None = None) -> Path:
-        """Write the artifact under ``directory`` and return the path. Text artifacts become .txt files."""
+        """Write the artifact under ``directory`` and return the path. Text artifacts become .txt files.
+
+        The file name (``name``, else the artifact's ``filename``, else one made from the node id) is reduced
+        to a plain name inside ``directory``: no separators, ``..``, NUL or control characters."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         if self.kind is ArtifactKind.TEXT and self.data is None:
-            path = directory / (name or f"node{self.node_id}_text.txt")
+            path = directory / safe_filename(name, fallback=f"node{self.node_id}_text.txt")
             path.write_text(self.text or "", encoding="utf-8")
             return path
         if self.data is None:
             raise ValueError(f"Artifact {self.filename!r} has no bytes (url={self.url!r}); download it first.")
-        path = directory / (name or Path(self.filename or f"node{self.node_id}.bin").name)
+        path = directory / safe_filename(name or self.filename, fallback=f"node{self.node_id}.bin")
         path.write_bytes(self.data)
         return path
+
+
+_UNSAFE_NAME_CHARS = re.compile(r'[\x00-\x1f\x7f/\\:*?"<>|]')
+
+
+def safe_filename(name: str | None, *, fallback: str, max_bytes: int = 200) -> str:
+    """``name`` as a plain file name that stays inside the folder it is joined to.
+
+    A backend's ``filename`` keeps only its last path part (``"/etc/x"`` -> ``"x"``); ``fallback`` (made from
+    a node id, which may hold anything) has its separators replaced instead. Control characters, NUL and
+    characters Windows forbids become ``_``; ``""``, ``"."`` and ``".."`` fall back; the name is cut to
+    ``max_bytes`` bytes of UTF-8, keeping its extension."""
+
+    def clean(text: str) -> str:
+        text = _UNSAFE_NAME_CHARS.sub("_", text).strip().strip(".")  # no "..", no hidden or trailing-dot names
+        if len(text.encode("utf-8")) > max_bytes:
+            stem, dot, ext = text.rpartition(".")
+            ext = ext[:16] if dot else ""
+            keep = (stem if dot else text).encode("utf-8")[: max_bytes - len(ext) - 1].decode("utf-8", "ignore")
+            text = f"{keep}.{ext}" if ext else keep
+        return text
+
+    if name:
+        last = re.split(r"[/\\]", name)[-1]
+        cleaned = clean(last)
+        if cleaned:
+            return cleaned
+    return clean(fallback) or "output"
 
 
 class Timings(BaseModel):
@@ -636,7 +668,7 @@ class JobResult(BaseModel):
         paths: list[Path] = []
         used: set[str] = set()
         for art in self.artifacts:
-            base = Path(art.filename).name if art.filename else f"node{art.node_id}_{art.kind.value}.txt"
+            base = safe_filename(art.filename, fallback=f"node{art.node_id}_{art.kind.value}.txt")
             name, n = base, 1
             while name in used:
                 stem, dot, ext = base.rpartition(".")
