@@ -386,3 +386,55 @@ def test_settings_from_toml_table(monkeypatch: pytest.MonkeyPatch, in_tmp: Path)
     from gpubridge.config import Settings
 
     assert Settings.load().fetch["max_redirects"] == 2  # the table does not break the main settings
+
+
+async def test_https_connects_to_the_vetted_address_with_the_name_in_sni_and_certificate(tmp_path: Path, connects: list):
+    """TLS to the vetted IP still says and checks the URL's name: SNI is ``images.test`` and the certificate,
+    issued for that name only, verifies."""
+    pytest.importorskip("cryptography")
+    import datetime
+    import ssl
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "images.test")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("images.test")]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    pem = cert.public_bytes(serialization.Encoding.PEM)
+    (tmp_path / "cert.pem").write_bytes(pem)
+    (tmp_path / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                         serialization.PrivateFormat.PKCS8,
+                                                         serialization.NoEncryption()))
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    sni: list[str | None] = []
+    server_ctx.sni_callback = lambda sock, server_name, ctx: sni.append(server_name)  # type: ignore[assignment]
+    hosts: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        hosts.append(await reader.readuntil(b"\r\n\r\n"))
+        await ok()(b"", writer, None)  # type: ignore[arg-type]
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=server_ctx)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        client_ctx = ssl.create_default_context(cadata=pem.decode())
+        fetcher = UrlFetcher(allow=["127.0.0.1"], ssl_context=client_ctx,
+                             resolver=stub_resolver({"images.test": ["127.0.0.1"]}))
+        fetched = await fetcher.fetch(f"https://images.test:{port}/x.png")
+    finally:
+        server.close()
+    assert fetched.data == PNG
+    assert sni == ["images.test"] and connects == [("127.0.0.1", port)]
+    assert f"host: images.test:{port}".encode() in hosts[0].lower()

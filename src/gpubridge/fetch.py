@@ -256,6 +256,7 @@ class UrlFetcher:
         policy: AddressPolicy | None = None,
         chunk_size: int = 64 * 1024,
         spool_bytes: int = 1024 * 1024,
+        ssl_context: ssl.SSLContext | None = None,
     ):
         self.policy = policy or AddressPolicy(allow)
         self.max_bytes = max_bytes
@@ -265,7 +266,7 @@ class UrlFetcher:
         self.resolver: Resolver = resolver or system_resolver
         self.chunk_size = chunk_size
         self.spool_bytes = spool_bytes
-        self._ssl: ssl.SSLContext | None = None
+        self._ssl: ssl.SSLContext | None = ssl_context
 
     @classmethod
     def from_settings(cls, settings: FetchSettings | None = None, **overrides: Any) -> UrlFetcher:
