@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -28,6 +29,14 @@ FLUX = str(EXAMPLES / "flux_schnell_t2i.json")
 # ------------------------------------------------------------------------------------------- SIGTERM
 
 
+async def _read_until(stream: asyncio.StreamReader, marker: bytes, seen: bytearray) -> None:
+    while marker not in seen:
+        chunk = await stream.read(4096)
+        if not chunk:
+            raise AssertionError(f"the CLI ended before printing {marker!r}: {bytes(seen)[-500:]!r}")
+        seen += chunk
+
+
 @pytest.mark.parametrize("stage", ["queued", "running"])
 async def test_sigterm_cancels_the_remote_job_and_exits_143(tmp_path: Path, stage: str):
     async with ComfyDouble(root=tmp_path / "comfy") as comfy:
@@ -36,24 +45,31 @@ async def test_sigterm_cancels_the_remote_job_and_exits_143(tmp_path: Path, stag
         else:
             comfy.faults.step_delay = 0.05  # 10,000 sampler steps: runs until interrupted
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "gpubridge.cli", "run", FLUX, "--url", comfy.url, "--quiet",
+            sys.executable, "-m", "gpubridge.cli", "run", FLUX, "--url", comfy.url,
             "--set", "KSampler.steps=10000", "--set", "Size.width=64", "--set", "Size.height=64",
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, "TTY_COMPATIBLE": "1", "COLUMNS": "200"},  # live progress on the stderr pipe
         )
+        seen = bytearray()
         try:
             await comfy.wait_for_prompts(1, timeout=20)
             (prompt_id,) = list(comfy.jobs)
             await comfy.wait_for_state(prompt_id, "pending" if stage == "queued" else "running")
+            # The progress line comes from the job's events, which the CLI follows once its submit returned.
+            assert proc.stderr is not None
+            await asyncio.wait_for(_read_until(proc.stderr, b"queued" if stage == "queued" else b"running", seen),
+                                   20)
             proc.send_signal(signal.SIGTERM)
-            _, stderr = await asyncio.wait_for(proc.communicate(), 20)
+            _, rest = await asyncio.wait_for(proc.communicate(), 20)
+            seen += rest
         finally:
             if proc.returncode is None:
                 proc.kill()
                 await proc.wait()
+        assert proc.returncode == 143, bytes(seen)[-2000:]
         job = await comfy.wait_for_state(prompt_id, "interrupted", "deleted", timeout=5)
-        assert proc.returncode == 143, stderr.decode()
         assert job.state == ("deleted" if stage == "queued" else "interrupted")
-        assert b"Traceback" not in stderr and b"terminated" in stderr
+        assert b"Traceback" not in seen and b"terminated" in seen
 
 
 # ------------------------------------------------------------------------------------- output names
