@@ -74,7 +74,9 @@ async def test_a_job_queued_under_the_old_client_id_still_finishes(comfy, proxy)
         comfy.hold("SaveImage")
         handle = await runner.submit(JobRequest(workflow=INVERT, timeout=GUARD))
         await comfy.wait_until(lambda: comfy.jobs[handle.job_id].node == "3")
+        reads = comfy.stats.queue_reads
         await _reset_client_first(runner, comfy, proxy)
+        await comfy.wait_until(lambda: comfy.stats.queue_reads > reads)  # reconciled: ComfyUI says it runs
         comfy.release("SaveImage")  # its frames go to the old client id: nobody hears them
         result = await asyncio.wait_for(runner.wait(handle), GUARD)
         assert result.state is JobState.SUCCEEDED and len(result.images) == 2

@@ -104,6 +104,7 @@ class Stats:
     frees: int = 0  # POST /free
     history_posts: int = 0  # POST /history
     views: int = 0  # GET /view answered 200
+    queue_reads: int = 0  # GET /queue answered
     ws_connections: int = 0
     ws_dropped: int = 0  # sockets aborted by the drop_ws fault or drop_sockets()
     jobs_started: int = 0

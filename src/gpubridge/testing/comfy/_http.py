@@ -242,6 +242,8 @@ def build_app(double: ComfyDouble) -> web.Application:
     async def get_queue(request: web.Request) -> web.StreamResponse:
         running = [job.wire() for job in double._running.values()]
         pending = [entry[3].wire() for entry in double._queue]  # heap order, as ComfyUI sends it
+        double.stats.queue_reads += 1
+        double._notify()
         return _json({"queue_running": running, "queue_pending": pending})
 
     @api.post("/queue")
