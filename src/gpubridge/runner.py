@@ -128,7 +128,10 @@ class WorkflowRunner(abc.ABC):
         try:
             handle = await asyncio.shield(submitting)
         except asyncio.CancelledError:
-            _cancel_when_submitted(self, submitting)
+            if submitting.done() and not submitting.cancelled() and submitting.exception() is None:
+                await _cancel_quietly(self, submitting.result())  # submitted just now: cancel it here
+            else:
+                _cancel_when_submitted(self, submitting)
             raise
         watcher = asyncio.create_task(_forward_events(self, handle, on_event)) if on_event else None
         try:
