@@ -231,18 +231,44 @@ async def test_the_deadline_holds_when_comfyui_never_confirms_the_interrupt(comf
         await runner.aclose()
 
 
+async def test_the_deadline_holds_when_comfyui_stops_answering_the_cancel(comfy):
+    """/interrupt and /queue go to a server that accepts and never answers."""
+    conns: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conns.append(writer)  # read nothing, answer nothing
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    http = httpx.AsyncClient(base_url=comfy.url, transport=_Rerouted(port, {"/interrupt", "/queue"}))
+    runner = LocalRunner(comfy.url, http=http, deadline_grace=0.2, reap_interval=0.05)
+    try:
+        comfy.faults.step_delay = 0.02
+        with pytest.raises(JobTimeout) as info:
+            await asyncio.wait_for(runner.run(JobRequest(workflow=_sampler(), timeout=0.3)), GUARD)
+        assert info.value.state == "running" and info.value.job_may_be_running
+    finally:
+        await runner.aclose()
+        await http.aclose()
+        server.close()
+        for writer in conns:
+            writer.transport.abort()
+        comfy.interrupt()
+
+
 # ------------------------------------------------------------- 10.4 /view: bounded size and time
 
 
-class _HostileView(httpx.AsyncBaseTransport):
-    """Send /view to a hostile server, everything else to the double (both on 127.0.0.1)."""
+class _Rerouted(httpx.AsyncBaseTransport):
+    """Send some paths to a hostile server, everything else to the double (both on 127.0.0.1)."""
 
-    def __init__(self, hostile_port: int):
+    def __init__(self, hostile_port: int, paths: set[str]):
         self.inner = httpx.AsyncHTTPTransport()
         self.hostile_port = hostile_port
+        self.paths = paths
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        if request.url.path == "/view":
+        if request.url.path in self.paths:
             request.url = request.url.copy_with(port=self.hostile_port)
         return await self.inner.handle_async_request(request)
 
@@ -282,7 +308,7 @@ async def _oversize(request: web.Request) -> web.StreamResponse:
 
 async def test_a_trickling_view_cannot_keep_a_run_past_its_deadline(comfy):
     async with hostile_view(_trickle) as port:
-        http = httpx.AsyncClient(base_url=comfy.url, transport=_HostileView(port))
+        http = httpx.AsyncClient(base_url=comfy.url, transport=_Rerouted(port, {"/view"}))
         runner = LocalRunner(comfy.url, http=http, deadline_grace=0.1)
         try:
             with pytest.raises(JobTimeout) as info:
@@ -295,7 +321,7 @@ async def test_a_trickling_view_cannot_keep_a_run_past_its_deadline(comfy):
 
 async def test_an_oversize_view_is_refused_while_streaming(comfy):
     async with hostile_view(_oversize) as port:
-        http = httpx.AsyncClient(base_url=comfy.url, transport=_HostileView(port))
+        http = httpx.AsyncClient(base_url=comfy.url, transport=_Rerouted(port, {"/view"}))
         runner = LocalRunner(comfy.url, http=http, max_output_bytes=100_000)
         try:
             with pytest.raises(PayloadTooLarge) as info:

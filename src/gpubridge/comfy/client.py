@@ -1054,11 +1054,21 @@ class ComfyClient:
         every unfinished job while the socket is silent (open but deaf: replace it)."""
         loop = asyncio.get_running_loop()
         interval = self.watch_interval or 5.0
+        suspect: tuple[str, float] | None = None  # (client id, last frame time) when a job finished unheard
         while not self._closed:
             await asyncio.sleep(interval)
             reader = self._reader
             if reader is None or reader.done() or self._ws is None:
                 continue
+            if suspect is not None:
+                if suspect == (self.client_id, self._last_frame):
+                    # Still not a frame since ComfyUI finished a job of this socket: it is deaf.
+                    log.warning("websocket to %s is open but deaf; replacing it", self.url)
+                    if self._ws.transport is not None:
+                        self._ws.transport.abort()
+                    suspect = None
+                    continue
+                suspect = None
             silent = _is_silent(loop.time(), self._last_frame, self.silence_timeout)
             current = self.client_id
             jobs = [
@@ -1078,15 +1088,10 @@ class ComfyClient:
                     self._start(job)
             jobs = [j for j in jobs if j.prompt_id not in running and j.prompt_id not in queued]
             settled = await asyncio.gather(*(self._check_job(j) for j in jobs))
-            deaf = any(done and j.client_id == current for j, done in zip(jobs, settled))
-            if deaf and self.client_id == current and self._ws is not None and not self._closed:
-                # ComfyUI finished a job queued under this socket's id and the socket said nothing.
-                log.warning("websocket to %s is open but deaf; replacing it", self.url)
-                ws = self._ws
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(ws.close(), self.connect_timeout)
-                if ws.transport is not None:
-                    ws.transport.abort()
+            if silent and any(done and j.client_id == current for j, done in zip(jobs, settled)):
+                # ComfyUI finished a job queued under this socket's id and the socket said nothing. Its
+                # frames may just be late: the socket is deaf if it stays silent until the next look.
+                suspect = (current, self._last_frame)
 
     def _fail_all(self, reason: str) -> None:
         for job in list(self._jobs.values()):
