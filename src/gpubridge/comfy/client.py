@@ -201,8 +201,8 @@ class ComfyJob:
         if self.state is JobState.TIMED_OUT:
             if self.unconfirmed:
                 return JobTimeout(
-                    f"Job {self.prompt_id} passed its deadline while {self.timeout_state or 'running'}; ComfyUI "
-                    "has not confirmed the interrupt yet, gpubridge keeps trying to stop it",
+                    f"Job {self.prompt_id} passed its deadline while {self.timeout_state or 'running'}; "
+                    "ComfyUI has not confirmed the interrupt yet, gpubridge keeps trying to stop it",
                     job_id=self.prompt_id,
                     provider=provider,
                     state=str(self.timeout_state or JobState.RUNNING),
@@ -556,7 +556,8 @@ class ComfyClient:
                     await slots.acquire()
             except TimeoutError:
                 raise ProviderUnavailable(
-                    f"ComfyUI at {self.url} timed out on {method} {path} (PoolTimeout)", provider=self.provider
+                    f"ComfyUI at {self.url} timed out on {method} {path} (PoolTimeout)",
+                    provider=self.provider,
                 ) from None
         try:
             resp = await self._send(method, path, stream=True, **kwargs)
@@ -609,8 +610,9 @@ class ComfyClient:
                 f"ComfyUI at {self.url} is rate limiting", provider=self.provider, retry_after=_retry_after(resp)
             )
         if code >= 500:
+            body = "" if stream else resp.text[:200]
             raise ProviderUnavailable(
-                f"ComfyUI at {self.url} answered {code} to {method} {path}: {'' if stream else resp.text[:200]}",
+                f"ComfyUI at {self.url} answered {code} to {method} {path}: {body}",
                 provider=self.provider,
                 status_code=code,
             )
