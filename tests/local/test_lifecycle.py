@@ -11,6 +11,7 @@ import httpx
 import pytest
 from aiohttp import web
 
+from gpubridge.comfy import protocol
 from gpubridge.errors import JobError, JobFailed, JobTimeout, PayloadTooLarge, ProviderUnavailable
 from gpubridge.models import EventType, JobRequest, JobState, Workflow
 from gpubridge.providers.local import LocalRunner
@@ -348,3 +349,22 @@ async def test_run_cancelled_during_submit_leaves_no_orphan(local, comfy):
     comfy.faults.hold_prompts = False  # the prompt the caller never saw is queued now
     await comfy.wait_until(lambda: comfy.jobs and all(j.state == "deleted" for j in comfy.jobs.values()))
     assert comfy.queue_remaining == 0
+
+
+@pytest.mark.parametrize(
+    ("exception_type", "message", "retryable"),
+    [
+        ("torch.OutOfMemoryError", "Allocation on device", True),
+        ("torch.cuda.OutOfMemoryError", "", True),
+        ("RuntimeError", "CUDA error: out of memory", True),
+        ("RuntimeError", "mat1 and mat2 shapes cannot be multiplied", False),
+        ("ValueError", "", False),
+    ],
+)
+def test_worker_failures_are_told_from_workflow_failures_in_one_place(exception_type, message, retryable):
+    err = protocol.execution_error(
+        {"node_id": "3", "exception_type": exception_type, "exception_message": message},
+        job_id="j",
+        provider="local",
+    )
+    assert err.retryable is retryable is protocol.is_worker_failure(exception_type, message)
