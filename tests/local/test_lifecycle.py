@@ -144,7 +144,6 @@ async def test_aclose_ends_waiters_and_event_streams_with_a_typed_error(comfy):
     await comfy.wait_for_state(handle.job_id, "running")
     waiter = asyncio.create_task(runner.wait(handle))
     events = asyncio.create_task(_collect(runner.events(handle)))
-    await asyncio.sleep(0)  # both are waiting
     await runner.aclose()
     with pytest.raises(JobError) as info:
         await asyncio.wait_for(waiter, GUARD)
