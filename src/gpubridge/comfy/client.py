@@ -1107,9 +1107,9 @@ class ComfyClient:
         missing = _missing_ws_outputs(job)
         if missing:
             job.lost = (
-                f"ComfyUI sent the images of SaveImageWebsocket node(s) {', '.join(missing)} of job "
-                f"{job.prompt_id} over a websocket that dropped; they are not in /history and are lost. "
-                "Run the job again."
+                f"The images of SaveImageWebsocket node(s) {', '.join(missing)} of job {job.prompt_id} never "
+                "reached this client (sent over a websocket that dropped, or to another client); ComfyUI "
+                "keeps no copy in /history. Run the job again."
             )
             job._finish(JobState.FAILED)
         else:
