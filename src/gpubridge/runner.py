@@ -117,9 +117,22 @@ class WorkflowRunner(abc.ABC):
         on_event: EventCallback | None = None,
         **fields: Any,
     ) -> JobResult:
-        """Submit and wait. If the caller is cancelled, the remote job is cancelled too (no orphans)."""
+        """Submit and wait. If the caller is cancelled, the remote job is cancelled too (no orphans).
+
+        That holds while the submit is still in flight too (a slow upload, a POST the backend is still
+        validating): the submit is left to finish in the background and the job it created is cancelled
+        as soon as its id is known, so nothing runs to completion unnoticed.
+        """
         req = as_request(request, **fields)
-        handle = await self.submit(req)
+        submitting = asyncio.ensure_future(self.submit(req))
+        try:
+            handle = await asyncio.shield(submitting)
+        except asyncio.CancelledError:
+            if submitting.done() and not submitting.cancelled() and submitting.exception() is None:
+                await _cancel_quietly(self, submitting.result())  # submitted just now: cancel it here
+            else:
+                _cancel_when_submitted(self, submitting)
+            raise
         watcher = asyncio.create_task(_forward_events(self, handle, on_event)) if on_event else None
         try:
             return await self.wait(handle)
@@ -149,6 +162,24 @@ class WorkflowRunner(abc.ABC):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}>"
+
+
+_REAPERS: set[asyncio.Task[None]] = set()  # strong references to the background cancels below
+
+
+def _cancel_when_submitted(runner: WorkflowRunner, submitting: asyncio.Future[JobHandle]) -> None:
+    """The caller of ``run`` is gone while its submit is in flight: cancel the job once it exists."""
+
+    async def reap() -> None:
+        try:
+            handle = await submitting
+        except BaseException:  # the submit failed or was cancelled: the provider cleaned up (or nothing ran)
+            return
+        await _cancel_quietly(runner, handle)
+
+    task = asyncio.ensure_future(reap())
+    _REAPERS.add(task)
+    task.add_done_callback(_REAPERS.discard)
 
 
 async def _cancel_quietly(runner: WorkflowRunner, handle: JobHandle) -> None:

@@ -361,3 +361,33 @@ async def test_fault_routes(comfy: ComfyDouble, http: aiohttp.ClientSession) -> 
     assert timeout.status == 408
     assert (await http.get("/gpubridge/wait", params={"prompts": "1"})).status == 200
     assert (await http.get("/gpubridge/jobs/nope")).status == 404
+
+
+# ------------------------------------------------------------------------------------ held prompts
+
+
+async def test_hold_prompts_keeps_a_post_unanswered_until_unset(
+    comfy: ComfyDouble, http: aiohttp.ClientSession
+) -> None:
+    await http.post("/gpubridge/faults", json={"hold_prompts": True})
+    post = asyncio.ensure_future(submit(http, TINY))
+    await comfy.wait_until(lambda: comfy.stats.prompts_arrived == 1)
+    assert not post.done() and comfy.stats.prompts_received == 0 and comfy.jobs == {}
+    comfy.faults.hold_prompts = False
+    prompt_id = await post
+    assert (await comfy.wait_for_state(prompt_id)).state == "success"
+
+
+async def test_the_cleanup_of_an_old_socket_unregisters_its_client_id_even_when_reused(
+    comfy: ComfyDouble, http: aiohttp.ClientSession
+) -> None:
+    """ComfyUI's websocket handler pops its sid in ``finally``: a newer socket under the same id is lost."""
+    old = await http.ws_connect("/ws?clientId=same")
+    await old.receive()
+    new = await http.ws_connect("/ws?clientId=same")
+    await new.receive()
+    assert comfy.client_ids == ["same"] and comfy.open_sockets == 2
+    await old.close()
+    await comfy.wait_until(lambda: comfy.open_sockets == 1)
+    assert comfy.client_ids == []  # the new socket is open but unregistered: deaf
+    await new.close()

@@ -116,6 +116,9 @@ class ComfyJob:
         "stream",
         "_timer",
         "tags",
+        "client_id",
+        "unconfirmed",
+        "closed",
     )
 
     def __init__(self, client: ComfyClient, prompt_id: str, prompt: dict[str, Any], deadline: float | None):
@@ -147,6 +150,10 @@ class ComfyJob:
         self.stream = EventStream()
         self._timer: asyncio.TimerHandle | None = None
         self.tags: dict[str, Any] = {}
+        # The websocket client id the prompt was queued under: ComfyUI sends its frames to that id only.
+        self.client_id = client.client_id
+        self.unconfirmed = False  # timed out, but ComfyUI has not confirmed the interrupt (reaper on it)
+        self.closed: str | None = None  # the client was closed before the job finished
 
     # -- views
 
@@ -181,6 +188,10 @@ class ComfyJob:
     def exception(self) -> GpuBridgeError | None:
         """The typed error this job ended with, or None (running, or succeeded)."""
         provider = self.client.provider
+        if self.closed is not None and not self.state.is_terminal:
+            err = JobError(self.closed, job_id=self.prompt_id, provider=provider)
+            err.job_may_be_running = True
+            return err
         if self.state is JobState.FAILED:
             if self.error is not None:
                 return protocol.execution_error(
@@ -190,6 +201,15 @@ class ComfyJob:
                 self.lost or "ComfyUI lost the job", provider=provider
             )
         if self.state is JobState.TIMED_OUT:
+            if self.unconfirmed:
+                return JobTimeout(
+                    f"Job {self.prompt_id} passed its deadline while {self.timeout_state or 'running'}; "
+                    "ComfyUI has not confirmed the interrupt yet, gpubridge keeps trying to stop it",
+                    job_id=self.prompt_id,
+                    provider=provider,
+                    state=str(self.timeout_state or JobState.RUNNING),
+                    cancelled=False,
+                )
             return JobTimeout(
                 f"Job {self.prompt_id} passed its deadline while {self.timeout_state or 'running'} and was "
                 "cancelled",
@@ -229,6 +249,17 @@ class ComfyJob:
             message=message or (str(err) if err else None),
             data={"error": err.to_dict()} if err else {},
         )
+        self.done.set_result(None)
+
+    def _abandon(self, reason: str) -> None:
+        """The client closed: end waiters and event streams without claiming a terminal state."""
+        if self.done.done():
+            return
+        self.closed = reason
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.stream.close()
         self.done.set_result(None)
 
     # -- public
@@ -272,6 +303,22 @@ class ComfyClient:
     ``None`` leaves ``filename_prefix`` inputs alone. ``validate`` checks prompts against the server's
     ``/object_info`` (fetched once) before queueing them; partly valid prompts, which ComfyUI would run
     with some outputs silently dropped, are refused unless ``allow_partial`` is set.
+
+    Every websocket connection uses a fresh client id (``client_id`` names the first): ComfyUI unregisters
+    a client id when it cleans up that id's old socket, which after a drop the client noticed first would
+    silence a reconnected socket under the same id. Prompts queued under an earlier id no longer get
+    frames; they are followed through ``/history`` and ``/queue`` every ``watch_interval`` seconds, and so
+    is every unfinished job once the socket has been silent for ``silence_timeout`` (a job that finished
+    in ``/history`` while the socket said nothing marks the socket deaf: it is replaced).
+
+    A job's deadline holds whatever ComfyUI does: if the interrupt is not confirmed within
+    ``deadline_grace`` seconds, the job ends TIMED_OUT anyway and a reaper keeps interrupting/dequeuing the
+    prompt for up to ``reap_timeout`` seconds. Output downloads (``/view``) are streamed, capped at
+    ``max_output_bytes`` each, and bounded by the job's deadline (plus ``deadline_grace``).
+
+    ``aclose()`` does not cancel prompts: a job submitted is the caller's (``gpubridge submit`` exits and
+    the job runs on; follow it by id with another client). Waiters and event streams of unfinished jobs
+    end at once with a ``JobError`` (``job_may_be_running``).
     """
 
     def __init__(
@@ -293,6 +340,12 @@ class ComfyClient:
         ping_interval: float | None = 20.0,
         max_connections: int = 4,
         max_retained: int = 10_000,
+        deadline_grace: float = 5.0,
+        reap_timeout: float = 300.0,
+        reap_interval: float = 2.0,
+        max_output_bytes: int | None = 1 << 30,
+        watch_interval: float | None = 5.0,
+        silence_timeout: float = 30.0,
     ):
         self.url = url.rstrip("/")
         self.provider = provider
@@ -306,6 +359,12 @@ class ComfyClient:
         self.cancel_wait = cancel_wait
         self.ping_interval = ping_interval
         self.connect_timeout = connect_timeout
+        self.deadline_grace = deadline_grace
+        self.reap_timeout = reap_timeout
+        self.reap_interval = reap_interval
+        self.max_output_bytes = max_output_bytes
+        self.watch_interval = watch_interval
+        self.silence_timeout = silence_timeout
         self._headers = dict(headers or {})
         self._own_http = http is None
         # At most ``max_connections`` requests are handed to httpx at once; the rest wait here, in FIFO
@@ -329,8 +388,11 @@ class ComfyClient:
         )
         split = urlsplit(self.url)
         scheme = "wss" if split.scheme == "https" else "ws"
-        self._ws_url = f"{scheme}://{split.netloc}{split.path}/ws?clientId={self.client_id}"
+        self._ws_base = f"{scheme}://{split.netloc}{split.path}/ws"
         self._ws: ClientConnection | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        self._last_frame = 0.0  # loop time of the last websocket frame
+        self._settled: dict[str, JobStatus] = {}  # final status of forgotten jobs (bounded)
         self._reader: asyncio.Task[None] | None = None
         self._start_lock: asyncio.Lock | None = None
         self._jobs: dict[str, ComfyJob] = {}
@@ -362,6 +424,16 @@ class ComfyClient:
                 return
             self._ws = await self._connect_ws()
             self._reader = asyncio.create_task(self._read_loop(), name=f"comfy-ws-{self.client_id[:8]}")
+            if self.watch_interval and (self._watcher is None or self._watcher.done()):
+                self._watcher = asyncio.create_task(self._watch(), name=f"comfy-watch-{self.client_id[:8]}")
+
+    @property
+    def _ws_url(self) -> str:
+        return f"{self._ws_base}?clientId={self.client_id}"
+
+    def _new_client_id(self) -> None:
+        """A fresh client id for the next connection (see the class doc)."""
+        self.client_id = uuid.uuid4().hex
 
     async def _connect_ws(self) -> ClientConnection:
         try:
@@ -396,17 +468,28 @@ class ComfyClient:
             first = await asyncio.wait_for(ws.recv(), self.connect_timeout)
         except Exception as exc:
             await ws.close()
+            self._new_client_id()  # that socket may have registered the id: its cleanup would unregister it
             raise ProviderUnavailable(
                 f"ComfyUI at {self.url} opened the websocket but sent nothing ({_short(exc)})",
                 provider=self.provider,
             ) from None
         self._epoch += 1
+        self._last_frame = asyncio.get_running_loop().time()
         if isinstance(first, str):
             self._on_text(first)
         return ws
 
     async def aclose(self) -> None:
+        """Close the websocket and the HTTP pool. Prompts are not cancelled (see the class doc): unfinished
+        jobs end their waiters and event streams with a JobError."""
         self._closed = True
+        for job in list(self._jobs.values()):
+            job._abandon(
+                f"The ComfyUI client was closed before job {job.prompt_id} finished; it may still run on "
+                f"ComfyUI at {self.url} (follow it by id with another client)"
+            )
+        if self._watcher is not None:
+            self._watcher.cancel()
         for task in list(self._background):
             task.cancel()
         if self._reader is not None:
@@ -465,9 +548,44 @@ class ComfyClient:
         finally:
             slots.release()
 
-    async def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    @contextlib.asynccontextmanager
+    async def _stream(self, method: str, path: str, **kwargs: Any) -> AsyncIterator[httpx.Response]:
+        """A request whose body is read by the caller (``aiter_bytes``), holding its slot until done."""
+        slots = self._request_slots()
+        if slots is not None:
+            try:
+                async with asyncio.timeout(self._pool_timeout):
+                    await slots.acquire()
+            except TimeoutError:
+                raise ProviderUnavailable(
+                    f"ComfyUI at {self.url} timed out on {method} {path} (PoolTimeout)",
+                    provider=self.provider,
+                ) from None
         try:
-            resp = await self._http.request(method, path, **kwargs)
+            resp = await self._send(method, path, stream=True, **kwargs)
+            try:
+                yield resp
+            except httpx.TimeoutException as exc:
+                raise ProviderUnavailable(
+                    f"ComfyUI at {self.url} timed out on {method} {path} ({type(exc).__name__})",
+                    provider=self.provider,
+                ) from None
+            except httpx.TransportError as exc:
+                raise ProviderUnavailable(
+                    f"ComfyUI at {self.url} dropped {method} {path} ({_short(exc)})", provider=self.provider
+                ) from None
+            finally:
+                await resp.aclose()
+        finally:
+            if slots is not None:
+                slots.release()
+
+    async def _send(self, method: str, path: str, *, stream: bool = False, **kwargs: Any) -> httpx.Response:
+        try:
+            if stream:
+                resp = await self._http.send(self._http.build_request(method, path, **kwargs), stream=True)
+            else:
+                resp = await self._http.request(method, path, **kwargs)
         except httpx.ConnectError as exc:
             reason = "connection refused" if "refused" in str(exc).lower() else _short(exc)
             raise ProviderUnavailable(unreachable_message(self.url, reason), provider=self.provider) from None
@@ -483,6 +601,8 @@ class ComfyClient:
         code = resp.status_code
         if code < 400 or code == 400 and path.endswith("/prompt"):
             return resp
+        if stream:  # an error body is not read whole: it may be anything
+            await resp.aclose()
         if code in (401, 403):
             raise AuthError(f"ComfyUI at {self.url} answered {code} to {method} {path}", provider=self.provider)
         if code == 413:
@@ -492,8 +612,9 @@ class ComfyClient:
                 f"ComfyUI at {self.url} is rate limiting", provider=self.provider, retry_after=_retry_after(resp)
             )
         if code >= 500:
+            body = "" if stream else resp.text[:200]
             raise ProviderUnavailable(
-                f"ComfyUI at {self.url} answered {code} to {method} {path}: {resp.text[:200]}",
+                f"ComfyUI at {self.url} answered {code} to {method} {path}: {body}",
                 provider=self.provider,
                 status_code=code,
             )
@@ -532,9 +653,32 @@ class ComfyClient:
                 self._object_info = await self._get_json("/object_info")
         return self._object_info
 
-    async def view(self, filename: str, subfolder: str = "", type: str = "output") -> tuple[bytes, str | None]:
-        resp = await self._request("GET", "/view", params={"filename": filename, "subfolder": subfolder, "type": type})
-        return resp.content, resp.headers.get("content-type")
+    async def view(
+        self, filename: str, subfolder: str = "", type: str = "output", *, max_bytes: int | None = None
+    ) -> tuple[bytes, str | None]:
+        """One output file, streamed; more than ``max_bytes`` (default ``max_output_bytes``) raises
+        PayloadTooLarge as soon as that is known, without reading the rest."""
+        limit = self.max_output_bytes if max_bytes is None else max_bytes
+        params = {"filename": filename, "subfolder": subfolder, "type": type}
+        async with self._stream("GET", "/view", params=params) as resp:
+            content_type = resp.headers.get("content-type")
+            declared = resp.headers.get("content-length", "")
+            if limit is not None and declared.isdigit() and int(declared) > limit:
+                raise self._too_large(filename, limit, int(declared))
+            body = bytearray()
+            async for chunk in resp.aiter_bytes():
+                body += chunk
+                if limit is not None and len(body) > limit:
+                    raise self._too_large(filename, limit, None)
+        return bytes(body), content_type
+
+    def _too_large(self, filename: str, limit: int, size: int | None) -> PayloadTooLarge:
+        what = f"{size} bytes" if size is not None else f"more than {limit} bytes"
+        return PayloadTooLarge(
+            f"Output {filename!r} from ComfyUI at {self.url} is {what}, over the cap of {limit} bytes "
+            "(max_output_bytes)",
+            provider=self.provider,
+        )
 
     def view_url(self, ref: protocol.OutputRef) -> str:
         return f"{self.url}/view?{urlencode(ref.view_params())}"
@@ -572,13 +716,22 @@ class ComfyClient:
         if excess <= 0:
             return
         for prompt_id in [pid for pid, job in self._jobs.items() if job.finished][:excess]:
-            del self._jobs[prompt_id]
+            self._drop_record(prompt_id)
+
+    def _drop_record(self, prompt_id: str) -> None:
+        job = self._jobs.pop(prompt_id)
+        if job.state.is_terminal:
+            # Keep the final word (small): ComfyUI cannot tell a job we timed out from one interrupted by
+            # hand, and forgets prompts it dequeued, so status() and cancel() after wait() ask here first.
+            self._settled[prompt_id] = job.status()
+            while len(self._settled) > self.max_retained:
+                del self._settled[next(iter(self._settled))]
 
     def forget(self, prompt_id: str) -> None:
         """Drop a finished job's record (the provider calls this once its result is delivered)."""
         job = self._jobs.get(prompt_id)
         if job is not None and job.finished:
-            del self._jobs[prompt_id]
+            self._drop_record(prompt_id)
 
     async def submit(
         self,
@@ -614,7 +767,7 @@ class ComfyClient:
         self._prune_finished()
         self._jobs[prompt_id] = job  # before POST: its first frames can arrive before the response
         job._emit(EventType.QUEUED)
-        body: dict[str, Any] = {"prompt": sent, "client_id": self.client_id, "prompt_id": prompt_id}
+        body: dict[str, Any] = {"prompt": sent, "client_id": job.client_id, "prompt_id": prompt_id}
         if extra_data:
             body["extra_data"] = dict(extra_data)
         if front:
@@ -705,7 +858,49 @@ class ComfyClient:
             return
         job.timed_out = True
         job.timeout_state = job.state
-        self._spawn(self.cancel(job), name=f"comfy-deadline-{job.prompt_id[:8]}")
+        self._spawn(self._expire(job), name=f"comfy-deadline-{job.prompt_id[:8]}")
+
+    async def _expire(self, job: ComfyJob) -> None:
+        """Cancel a job past its deadline; if ComfyUI does not confirm within ``deadline_grace`` (a node that
+        ignores interrupts, a server that stopped answering), end it TIMED_OUT anyway and leave the prompt
+        to the reaper."""
+        cancel = self._spawn(self.cancel(job), name=f"comfy-cancel-{job.prompt_id[:8]}")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(job.done), self.deadline_grace)
+        if job.finished:
+            return
+        cancel.cancel()
+        job.unconfirmed = True
+        job._finish(JobState.TIMED_OUT)
+        log.warning("job %s passed its deadline and ComfyUI has not confirmed the interrupt; reaping it",
+                    job.prompt_id)
+        self._spawn(self._reap(job.prompt_id), name=f"comfy-reap-{job.prompt_id[:8]}")
+
+    async def _reap(self, prompt_id: str) -> None:
+        """Keep dequeuing/interrupting ``prompt_id`` until ComfyUI has a history entry for it or no longer
+        knows it, for at most ``reap_timeout`` seconds."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self.reap_timeout
+        delay = min(0.05, self.reap_interval)
+        while loop.time() < give_up:
+            try:
+                async with asyncio.timeout_at(give_up):
+                    if await self.history(prompt_id) is not None:
+                        return
+                    queue = await self.queue()
+                    if prompt_id in _ids(queue, "queue_running"):
+                        await self.interrupt(prompt_id)
+                    elif prompt_id in _ids(queue, "queue_pending"):
+                        await self.delete_queued([prompt_id])
+                    else:
+                        return  # finished between the two reads, or dequeued
+            except GpuBridgeError as exc:
+                log.debug("reaper for %s: %s", prompt_id, exc)
+            except TimeoutError:
+                break
+            await asyncio.sleep(delay)
+            delay = min(self.reap_interval, delay * 2)
+        log.warning("gave up stopping job %s on ComfyUI at %s after %gs", prompt_id, self.url, self.reap_timeout)
 
     async def cancel(self, job: ComfyJob | str) -> JobStatus:
         """Dequeue the job if pending, interrupt it if running; wait (bounded) until ComfyUI confirms."""
@@ -764,11 +959,13 @@ class ComfyClient:
     # ------------------------------------------------------------------------------------------- websocket
 
     async def _read_loop(self) -> None:
+        loop = asyncio.get_running_loop()
         while not self._closed:
             ws = self._ws
             assert ws is not None
             try:
                 async for frame in ws:
+                    self._last_frame = loop.time()
                     if type(frame) is str:
                         self._on_text(frame)
                     else:
@@ -782,6 +979,10 @@ class ComfyClient:
             if self._closed:
                 return
             log.warning("websocket to %s dropped; reconnecting", self.url)
+            # A fresh id at once: prompts queued while the socket is down get frames on the new socket, and
+            # ComfyUI's cleanup of the old socket (which pops its id) cannot silence the new one.
+            self._new_client_id()
+            self._running_prompt = None
             try:
                 self._ws = await self._reconnect()
             except Exception as exc:
@@ -810,42 +1011,107 @@ class ComfyClient:
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _reconcile(self) -> None:
-        """After a reconnect: collect jobs that finished while we were away, fail the ones ComfyUI lost."""
+        """After a reconnect: collect jobs that finished while we were away, fail the ones ComfyUI lost,
+        and point binary frames at the prompt running now."""
         pending = [j for j in self._jobs.values() if not j.finished]
-        if not pending:
-            return
+        if pending:
+            await asyncio.gather(*(self._check_job(j) for j in pending))
 
-        async def check(job: ComfyJob) -> None:
-            try:
-                entry = await self.history(job.prompt_id)
-                if entry is not None:
-                    self._complete_from_history(job, entry)
-                    return
+    async def _check_job(self, job: ComfyJob) -> bool:
+        """Ask ComfyUI where ``job`` is; settle it from ``/history`` if it finished. True if it did."""
+        try:
+            entry = await self.history(job.prompt_id)
+            if entry is not None:
+                self._complete_from_history(job, entry)
+                return True
+            queue = await self.queue()
+            if job.prompt_id in _ids(queue, "queue_running"):
+                self._start(job)
+                if job.client_id == self.client_id:
+                    # Frames without a prompt id (previews, websocket images) belong to the running prompt.
+                    self._running_prompt = job.prompt_id
+                return False
+            if job.prompt_id in _ids(queue, "queue_pending"):
+                return False
+            entry = await self.history(job.prompt_id)
+            if entry is not None:
+                self._complete_from_history(job, entry)
+                return True
+            if job.finished:
+                return False
+            if job.cancel_requested:
+                job._finish(JobState.CANCELLED, "removed from the queue")
+            else:
+                job.lost = f"ComfyUI at {self.url} lost job {job.prompt_id} (server restarted?)"
+                job._finish(JobState.FAILED)
+            return True
+        except GpuBridgeError as exc:
+            log.warning("could not reconcile job %s: %s", job.prompt_id, exc)
+            return False
+
+    async def _watch(self) -> None:
+        """Follow the jobs the socket cannot tell us about: those queued under an earlier client id, and
+        every unfinished job while the socket is silent (open but deaf: replace it)."""
+        loop = asyncio.get_running_loop()
+        interval = self.watch_interval or 5.0
+        suspect: tuple[str, float] | None = None  # (client id, last frame time) when a job finished unheard
+        while not self._closed:
+            await asyncio.sleep(interval)
+            reader = self._reader
+            if reader is None or reader.done() or self._ws is None:
+                continue
+            if suspect is not None:
+                if suspect == (self.client_id, self._last_frame):
+                    # Still not a frame since ComfyUI finished a job of this socket: it is deaf.
+                    log.warning("websocket to %s is open but deaf; replacing it", self.url)
+                    if self._ws.transport is not None:
+                        self._ws.transport.abort()
+                    suspect = None
+                    continue
+                suspect = None
+            silent = _is_silent(loop.time(), self._last_frame, self.silence_timeout)
+            current = self.client_id
+            jobs = [
+                j for j in self._jobs.values()
+                if not j.finished and j.number is not None and (silent or j.client_id != current)
+            ]
+            if not jobs:
+                continue
+            try:  # one /queue read for all of them; /history only for those no longer queued
                 queue = await self.queue()
-                running = {i[1] for i in queue.get("queue_running", []) if len(i) > 1}
-                queued = {i[1] for i in queue.get("queue_pending", []) if len(i) > 1}
-                if job.prompt_id in running or job.prompt_id in queued:
-                    if job.prompt_id in running and job.state is JobState.QUEUED:
-                        self._start(job)
-                    return
-                entry = await self.history(job.prompt_id)
-                if entry is not None:
-                    self._complete_from_history(job, entry)
-                elif job.cancel_requested:
-                    job._finish(JobState.CANCELLED, "removed from the queue")
-                else:
-                    job.lost = f"ComfyUI at {self.url} lost job {job.prompt_id} (server restarted?)"
-                    job._finish(JobState.FAILED)
             except GpuBridgeError as exc:
-                log.warning("could not reconcile job %s: %s", job.prompt_id, exc)
-
-        await asyncio.gather(*(check(j) for j in pending))
+                log.debug("watch: %s", exc)
+                continue
+            running, queued = _ids(queue, "queue_running"), _ids(queue, "queue_pending")
+            for job in jobs:
+                if job.prompt_id in running:
+                    self._start(job)
+            jobs = [j for j in jobs if j.prompt_id not in running and j.prompt_id not in queued]
+            settled = await asyncio.gather(*(self._check_job(j) for j in jobs))
+            if silent and any(done and j.client_id == current for j, done in zip(jobs, settled)):
+                # ComfyUI finished a job queued under this socket's id and the socket said nothing. Its
+                # frames may just be late: the socket is deaf if it stays silent until the next look.
+                suspect = (current, self._last_frame)
 
     def _fail_all(self, reason: str) -> None:
         for job in list(self._jobs.values()):
             if not job.finished:
                 job.lost = reason
                 job._finish(JobState.FAILED)
+
+    def _succeed(self, job: ComfyJob) -> None:
+        """SUCCEEDED, unless a SaveImageWebsocket node's images never reached us (sent over a socket that
+        dropped, or to an earlier client id): those exist nowhere else, so that is a retryable failure."""
+        missing = _missing_ws_outputs(job)
+        if missing:
+            job.lost = (
+                f"The images of SaveImageWebsocket node(s) {', '.join(missing)} of job {job.prompt_id} never "
+                "reached this client (sent over a websocket that dropped, or to another client); ComfyUI "
+                "keeps no copy in /history. Run the job again."
+            )
+            job._finish(JobState.FAILED)
+        else:
+            job._finish(JobState.SUCCEEDED)
 
     def _complete_from_history(self, job: ComfyJob, entry: Mapping[str, Any]) -> None:
         if job.finished:
@@ -862,7 +1128,7 @@ class ComfyClient:
             job.interrupted = dict(outcome.interrupted or {})
             job._finish(JobState.CANCELLED)
         else:
-            job._finish(JobState.SUCCEEDED)
+            self._succeed(job)
 
     def _start(self, job: ComfyJob) -> None:
         if job.state is JobState.QUEUED:
@@ -947,7 +1213,7 @@ class ComfyClient:
             # The socket dropped during the job: the executed frames may be incomplete.
             self._spawn(self._settle_from_history(job), name=f"comfy-history-{job.prompt_id[:8]}")
         else:
-            job._finish(JobState.SUCCEEDED)
+            self._succeed(job)
 
     async def _settle_from_history(self, job: ComfyJob) -> None:
         try:
@@ -999,7 +1265,7 @@ class ComfyClient:
         t0 = time.perf_counter()
         artifacts: list[Artifact]
         if download and refs:
-            artifacts = list(await asyncio.gather(*(self._download(r) for r in refs)))
+            artifacts = await self._download_all(job, refs)
         else:
             artifacts = [
                 Artifact(
@@ -1022,6 +1288,29 @@ class ComfyClient:
             if "node_errors" in job.tags
             else [],
         )
+
+    async def _download_all(self, job: ComfyJob, refs: list[protocol.OutputRef]) -> list[Artifact]:
+        """Download every output within the job's deadline (plus ``deadline_grace``): a trickling /view
+        cannot keep a run alive past its timeout."""
+        limit = job.deadline + self.deadline_grace if job.deadline is not None else None
+        tasks = [asyncio.ensure_future(self._download(r)) for r in refs]
+        try:
+            async with asyncio.timeout_at(limit):
+                return list(await asyncio.gather(*tasks))
+        except TimeoutError:
+            err = JobTimeout(
+                f"Job {job.prompt_id} finished, but its outputs were still downloading from {self.url} at its "
+                "deadline",
+                job_id=job.prompt_id,
+                provider=self.provider,
+                state="downloading",
+                cancelled=False,
+            )
+            err.job_may_be_running = False
+            raise err from None
+        finally:
+            for task in tasks:
+                task.cancel()
 
     async def _download(self, ref: protocol.OutputRef) -> Artifact:
         data, content_type = await self.view(ref.filename, ref.subfolder, ref.type)
@@ -1048,6 +1337,9 @@ class ComfyClient:
         job = self._jobs.get(prompt_id)
         if job is not None:
             return job.status()
+        settled = self._settled.get(prompt_id)
+        if settled is not None:
+            return settled.model_copy()
         entry = await self.history(prompt_id)
         if entry is not None:
             outcome = protocol.history_outcome(entry)
@@ -1146,6 +1438,31 @@ def _json_body(resp: httpx.Response, what: str, client: ComfyClient) -> Any:
             f"ComfyUI at {client.url} sent malformed JSON for {what} (HTTP {resp.status_code})",
             provider=client.provider,
         ) from None
+
+
+def _is_silent(now: float, last_frame: float, silence_timeout: float) -> bool:
+    """Has the socket said nothing for ``silence_timeout`` seconds (pure, for an injected clock)?"""
+    return now - last_frame >= silence_timeout
+
+
+def _missing_ws_outputs(job: ComfyJob) -> list[str]:
+    """SaveImageWebsocket nodes of ``job`` with no image received. Such a node always sends at least one
+    image, and only over the websocket."""
+    dropped = job.tags.get("node_errors") or {}
+    got = {a.node_id for a in job.ws_images}
+    return [
+        str(node_id)
+        for node_id, node in job.prompt.items()
+        if isinstance(node, Mapping)
+        and node.get("class_type") == "SaveImageWebsocket"
+        and str(node_id) not in got
+        and str(node_id) not in dropped
+    ]
+
+
+def _ids(queue: Mapping[str, Any], key: str) -> set[str]:
+    items = queue.get(key) if isinstance(queue, Mapping) else None
+    return {i[1] for i in items or () if isinstance(i, (list, tuple)) and len(i) > 1}
 
 
 def _short(exc: BaseException) -> str:

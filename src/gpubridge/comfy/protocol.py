@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import mimetypes
+import re
 import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ __all__ = [
     "validation_error",
     "guess_mime",
     "history_outcome",
+    "is_worker_failure",
     "FILE_OUTPUT_KEYS",
 ]
 
@@ -245,6 +247,30 @@ def validation_error(body: Any, *, provider: str | None = None) -> WorkflowInval
     return WorkflowInvalid(error=error or {}, node_errors=body.get("node_errors") or {}, provider=provider)
 
 
+# Exceptions that say the machine, not the workflow, failed: the same job may succeed on a bigger GPU or a
+# fresh worker. ComfyUI reports the full type name (``torch.OutOfMemoryError``); older torch raised
+# ``torch.cuda.OutOfMemoryError``; some nodes catch it and raise a RuntimeError saying "CUDA out of memory".
+WORKER_FAILURE_TYPES = frozenset({
+    "WorkerCrashed", "WorkerLost", "SystemExit", "KeyboardInterrupt", "MemoryError", "OutOfMemoryError",
+    "torch.OutOfMemoryError", "torch.cuda.OutOfMemoryError", "ProviderUnavailable", "ComfyStartError",
+})
+_OUT_OF_MEMORY_TEXT = re.compile(
+    r"out of memory|CUDA error: out of memory|OutOfMemoryError|CUBLAS_STATUS_ALLOC_FAILED|"
+    r"MPS backend out of memory|HIP out of memory",
+    re.IGNORECASE,
+)
+
+
+def is_worker_failure(exception_type: str | None, exception_message: str | None = None) -> bool:
+    """True when a node's exception means the worker ran out of a resource (GPU/host memory) or died, so
+    the job may succeed elsewhere (retryable), rather than the workflow being wrong."""
+    exc_type = (exception_type or "").strip()
+    short = exc_type.rsplit(".", 1)[-1]
+    if exc_type in WORKER_FAILURE_TYPES or short in WORKER_FAILURE_TYPES:
+        return True
+    return bool(exception_message and _OUT_OF_MEMORY_TEXT.search(str(exception_message)))
+
+
 def execution_error(
     data: Mapping[str, Any],
     *,
@@ -276,6 +302,8 @@ def execution_error(
         exception_message=exc_msg,
         traceback=tb if isinstance(tb, list) else [str(tb)],
         details=details,
+        # Out of memory (or a dead worker) is the machine's fault: failover may move the job to a bigger GPU.
+        retryable=is_worker_failure(str(exc_type), exc_msg),
     )
 
 

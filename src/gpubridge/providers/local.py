@@ -40,10 +40,21 @@ class LocalSettings(ProviderSettings):
     reconnect_timeout: float = Field(default=15.0, gt=0)
     """How long to keep trying to reconnect a dropped websocket before failing unfinished jobs."""
     request_timeout: float = Field(default=30.0, gt=0)
+    max_output_bytes: int = Field(default=1 << 30, gt=0)
+    """Largest output file downloaded from /view (streamed; a larger one fails with PayloadTooLarge)."""
+    deadline_grace: float = Field(default=5.0, gt=0)
+    """Seconds past a job's deadline to wait for ComfyUI to confirm the interrupt (and to finish
+    downloads) before the job ends JobTimeout anyway; an unconfirmed interrupt is retried in the background."""
 
 
 class LocalRunner(WorkflowRunner):
-    """Runs jobs on one ComfyUI server."""
+    """Runs jobs on one ComfyUI server.
+
+    A job's deadline holds even when ComfyUI never confirms the interrupt (see ``deadline_grace`` of
+    :class:`~gpubridge.comfy.ComfyClient`). ``status()`` and ``cancel()`` after ``wait()`` answer the job's
+    final state as this process decided it (``timed_out`` stays ``timed_out``). ``aclose()`` does not
+    cancel jobs still running: their waiters get a ``JobError`` and the jobs run on in ComfyUI.
+    """
 
     def __init__(
         self,
@@ -71,6 +82,8 @@ class LocalRunner(WorkflowRunner):
             include_temp_outputs=cfg.include_temp_outputs,
             reconnect_timeout=cfg.reconnect_timeout,
             timeout=cfg.request_timeout,
+            max_output_bytes=cfg.max_output_bytes,
+            deadline_grace=cfg.deadline_grace,
         )
 
     @property

@@ -94,6 +94,7 @@ class Stats:
     """Counters for tests (cumulative over the double's life, restarts included)."""
 
     prompts_received: int = 0  # POST /prompt requests, whatever the outcome
+    prompts_arrived: int = 0  # POST /prompt bodies read (counted before hold_prompts, unlike prompts_received)
     prompts_accepted: int = 0
     prompts_rejected: int = 0  # 400 and 500 answers
     interrupts: int = 0  # POST /interrupt requests
@@ -103,6 +104,7 @@ class Stats:
     frees: int = 0  # POST /free
     history_posts: int = 0  # POST /history
     views: int = 0  # GET /view answered 200
+    queue_reads: int = 0  # GET /queue answered
     ws_connections: int = 0
     ws_dropped: int = 0  # sockets aborted by the drop_ws fault or drop_sockets()
     jobs_started: int = 0
@@ -692,6 +694,7 @@ class ComfyDouble:
     def _kick(self) -> None:
         if self._work is not None:
             self._work.set()
+        self._notify()  # waiters on a fault (hold_prompts) re-check
 
     # ------------------------------------------------------------------------------------ hooks
 
@@ -884,6 +887,16 @@ class ComfyDouble:
             self._all_sockets.discard(sock)
             self._publish(DoubleEvent("ws_close", data={"sid": sid}))
         return ws
+
+    @property
+    def client_ids(self) -> list[str]:
+        """The client ids with a registered websocket now (what ComfyUI's ``self.sockets`` holds)."""
+        return list(self._sockets)
+
+    @property
+    def open_sockets(self) -> int:
+        """Websocket handlers still running (registered or not)."""
+        return len(self._all_sockets)
 
     def _supports_metadata(self, sid: str | None) -> bool:
         sock = self._sockets.get(sid) if sid is not None else None

@@ -96,6 +96,8 @@ class Faults:
       class_type or node id.
     - ``error``, ``crash``, ``drop_ws``: see :class:`ErrorFault`, :class:`CrashFault`, :class:`DropFault`.
     - ``paused``: a stuck queue; the worker takes no new job (pending jobs stay pending) until unset.
+    - ``hold_prompts``: ``POST /prompt`` reads the body, then waits until unset before validating and
+      queueing it (ComfyUI validates asynchronously; a slow validation, or a POST still in flight).
     - ``history_delay``: seconds between ``execution_success`` and writing the history entry (ComfyUI's
       race window, where ``GET /history/{id}`` still answers ``{}``). ``hold_history``: keep that window
       open until unset (deterministic).
@@ -112,6 +114,7 @@ class Faults:
     paused: bool = False
     history_delay: float = 0.0
     hold_history: bool = False
+    hold_prompts: bool = False
 
     _listener: Callable[[], None] | None = field(default=None, repr=False, compare=False)
 
@@ -185,6 +188,6 @@ class Faults:
                 value = {str(k): float(v) for k, v in (value or {}).items()}
             elif name in ("node_delay", "step_delay", "history_delay"):
                 value = float(value or 0.0)
-            elif name in ("paused", "hold_history"):
+            elif name in ("paused", "hold_history", "hold_prompts"):
                 value = bool(value)
             setattr(self, name, value)

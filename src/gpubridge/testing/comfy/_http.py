@@ -226,6 +226,12 @@ def build_app(double: ComfyDouble) -> web.Application:
         except Exception:  # malformed JSON, an empty or form-encoded body: the handler raises
             double.note_unreadable_prompt()
             return trouble(request)
+        double.stats.prompts_arrived += 1
+        from ._double import DoubleEvent
+
+        double._publish(DoubleEvent("prompt_arrived"))
+        if double.faults.hold_prompts:  # ComfyUI validates before queueing: a slow validation
+            await double.wait_until(lambda: not double.faults.hold_prompts, timeout=None)
         try:
             status, answer = double.submit(body)
         except Exception:  # counted by submit()
@@ -236,6 +242,8 @@ def build_app(double: ComfyDouble) -> web.Application:
     async def get_queue(request: web.Request) -> web.StreamResponse:
         running = [job.wire() for job in double._running.values()]
         pending = [entry[3].wire() for entry in double._queue]  # heap order, as ComfyUI sends it
+        double.stats.queue_reads += 1
+        double._notify()
         return _json({"queue_running": running, "queue_pending": pending})
 
     @api.post("/queue")
