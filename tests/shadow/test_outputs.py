@@ -6,11 +6,26 @@ import pytest
 
 from gpubridge.models import ArtifactKind
 from gpubridge.shadow import compare as compare_mod
-from gpubridge.shadow.compare import compare, is_mismatch, pair_status
+from gpubridge.shadow.compare import Outcome, compare, is_mismatch
 
 from .helpers import animation, frames, grey_png, media_result, mp4, png, result, rgba_png, wav
 
 K = ArtifactKind
+
+
+def pair_status(rec, threshold: float) -> str | None:
+    """match / mismatch / not-compared, through the public is_mismatch."""
+    verdict = is_mismatch(rec, threshold)
+    if verdict is None:
+        return "not-compared" if rec.outcome is Outcome.BOTH_OK else None
+    return "mismatch" if verdict else "match"
+
+
+def test_pair_status_agrees():
+    from gpubridge.shadow.compare import pair_status as real
+
+    rec = compare(result(), result(), workflow="w")
+    assert real(rec, 0) == pair_status(rec, 0) == "match"
 
 
 def test_greyscale_output_against_colour_is_a_mismatch():
