@@ -14,7 +14,7 @@ Criteria and their bounds (all from :mod:`scipy.stats`):
 
 - success-rate drop (control success rate minus candidate's): Newcombe's hybrid score interval for a
   difference of proportions, built from the two Wilson intervals of ``scipy.stats.binomtest``;
-- mismatch rate: exact Clopper-Pearson bounds (``binomtest(...).proportion_ci(method="exact")``);
+- mismatch rate: exact Clopper-Pearson bounds (beta quantiles, ``scipy.stats.beta.ppf``);
 - p95 latency ratio: distribution-free order-statistic bounds of each side's p95 (ranks from
   ``scipy.stats.binom``), the ratio's bound from the two sides' bounds at ``alpha_k / 2`` each;
 - cost per delivered image ratio: a paired percentile bootstrap (``scipy.stats.bootstrap``, seeded).
@@ -127,11 +127,14 @@ def wilson_interval(k: int, n: int, alpha: float) -> tuple[float, float]:
 
 @functools.lru_cache(maxsize=65536)
 def exact_interval(k: int, n: int, alpha: float) -> tuple[float, float]:
-    """One-sided-``alpha`` Clopper-Pearson bounds of a proportion."""
-    from scipy.stats import binomtest
+    """One-sided-``alpha`` Clopper-Pearson bounds of a proportion: the beta quantiles
+    (``scipy.stats.beta.ppf``), the same interval as ``binomtest(...).proportion_ci(method="exact")``
+    without its root finding (a hundred times faster)."""
+    from scipy.stats import beta
 
-    ci = binomtest(int(k), int(n)).proportion_ci(confidence_level=1.0 - 2.0 * alpha, method="exact")
-    return float(ci.low), float(ci.high)
+    low = 0.0 if k <= 0 else float(beta.ppf(alpha, k, n - k + 1))
+    high = 1.0 if k >= n else float(beta.ppf(1.0 - alpha, k + 1, n - k))
+    return low, high
 
 
 def rate_drop_bounds(ctl_ok: int, cand_ok: int, n: int, alpha: float) -> tuple[float, float, float]:
@@ -240,7 +243,8 @@ def _needed(n: int, first_look: int, alpha: float, decides: Callable[[int, float
 
 
 def judge_rate_drop(
-    ctl_ok: int, cand_ok: int, n: int, margin: float, *, alpha: float, first_look: int, total: int | None = None
+    ctl_ok: int, cand_ok: int, n: int, margin: float, *, alpha: float, first_look: int, total: int | None = None,
+    estimate_needed: bool = True,
 ) -> Criterion:
     """The success-rate criterion on the first ``n`` pairs (already cut to a look size by the caller when
     ``total`` is given: ``total`` is the window's pairs, used for the pairs-needed estimate)."""
@@ -253,7 +257,7 @@ def judge_rate_drop(
         return c
     c.estimate, c.lower, c.upper = rate_drop_bounds(ctl_ok, cand_ok, n, a)
     c.verdict = judge_bounds(c.lower, c.upper, margin)
-    if c.verdict is Verdict.INSUFFICIENT_DATA:
+    if c.verdict is Verdict.INSUFFICIENT_DATA and estimate_needed:
         p1, p2 = ctl_ok / n, cand_ok / n
 
         def decides(m: int, am: float) -> bool:
@@ -266,7 +270,7 @@ def judge_rate_drop(
 
 def judge_rate(
     k_bad: int, n: int, limit: float, *, name: str, alpha: float, first_look: int, total: int | None = None,
-    look_n: int | None = None,
+    look_n: int | None = None, estimate_needed: bool = True,
 ) -> Criterion:
     """A rate criterion (bad events ``k_bad`` of ``n``) against ``limit``, exact bounds. ``look_n`` is the
     pairs count that fixed the look (default ``n``)."""
@@ -280,7 +284,7 @@ def judge_rate(
     c.estimate = k_bad / n
     c.lower, c.upper = exact_interval(k_bad, n, a)
     c.verdict = judge_bounds(c.lower, c.upper, limit)
-    if c.verdict is Verdict.INSUFFICIENT_DATA:
+    if c.verdict is Verdict.INSUFFICIENT_DATA and estimate_needed:
         p = k_bad / n
         share = n / max(look_n or n, 1)  # compared pairs per pair
 
@@ -291,3 +295,83 @@ def judge_rate(
 
         c.pairs_needed = _needed(total, first_look, alpha, decides)
     return c
+
+
+# ------------------------------------------------------------------------------------------ simulation
+
+
+def simulate(
+    *,
+    reps: int,
+    max_pairs: int,
+    ctl_fail: float,
+    cand_fail: float,
+    mismatch: float,
+    max_success_rate_drop: float | None = 0.01,
+    max_mismatch_rate: float | None = 0.05,
+    max_p95_latency_ratio: float | None = None,
+    latency_scale: float = 1.0,
+    alpha: float = 0.05,
+    first_look: int = 5,
+    seed: int = 0,
+) -> dict[str, list[float]]:
+    """Monte Carlo of the verdict over a growing window (one workflow), on simulated counts.
+
+    Each pair: the control fails with probability ``ctl_fail``, the candidate with ``cand_fail``
+    (independently); a pair where both succeeded mismatches with probability ``mismatch``. With
+    ``max_p95_latency_ratio`` set, both sides' latencies are log-normal (sigma 0.5), the candidate's scaled
+    by ``latency_scale``. The verdict is evaluated at every look size up to ``max_pairs`` on the same
+    growing window, exactly as the report does (same functions).
+
+    Returns, per look size (``sizes``): ``go_at`` (share of runs with ``go`` at that look), ``ever_go``
+    (share with ``go`` at that look or any earlier one), ``ever_no_go``.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    ks = list(range(1, look_index(max_pairs, first_look) + 1))
+    sizes = [look_size(k, first_look) for k in ks]
+    inc = np.diff([0, *sizes])
+    probs = [(1 - ctl_fail) * (1 - cand_fail), (1 - ctl_fail) * cand_fail, ctl_fail * (1 - cand_fail),
+             ctl_fail * cand_fail]
+    counts = np.cumsum(np.stack([rng.multinomial(int(m), probs, size=reps) for m in inc], axis=1), axis=1)
+    both_ok_inc = np.diff(np.concatenate([np.zeros((reps, 1), dtype=int), counts[:, :, 0]], axis=1), axis=1)
+    bad = np.cumsum(rng.binomial(both_ok_inc, mismatch), axis=1)
+    go = np.zeros((reps, len(sizes)), dtype=bool)
+    no_go = np.zeros_like(go)
+    for j, (k, n) in enumerate(zip(ks, sizes, strict=True)):
+        a = spent_alpha(k, alpha)
+        verdicts = np.full((reps, 0), Verdict.GO, dtype=object)
+        cols = []
+        if max_success_rate_drop is not None:
+            ctl_ok = counts[:, j, 0] + counts[:, j, 1]
+            cand_ok = counts[:, j, 0] + counts[:, j, 2]
+            cols.append([judge_rate_drop(int(c), int(d), n, max_success_rate_drop, alpha=alpha,
+                                         first_look=first_look, estimate_needed=False).verdict
+                         for c, d in zip(ctl_ok, cand_ok)])
+        if max_mismatch_rate is not None:
+            compared = counts[:, j, 0]
+            cols.append([judge_rate(int(b), int(m), max_mismatch_rate, name="mismatch_rate", alpha=alpha,
+                                    first_look=first_look, look_n=n, estimate_needed=False).verdict
+                         for b, m in zip(bad[:, j], compared)])
+        if max_p95_latency_ratio is not None:
+            m_ctl = max(1, round(n * (1 - ctl_fail)))
+            m_cand = max(1, round(n * (1 - cand_fail)))
+            la, ua = quantile_ranks(m_ctl, 0.95, a / 2)
+            lb, ub = quantile_ranks(m_cand, 0.95, a / 2)
+            x = np.sort(rng.lognormal(0.0, 0.5, size=(reps, m_ctl)), axis=1)
+            y = np.sort(rng.lognormal(0.0, 0.5, size=(reps, m_cand)), axis=1) * latency_scale
+            hi = (y[:, ub - 1] if ub else np.inf) / (x[:, la - 1] if la else 0.0)
+            lo = (y[:, lb - 1] if lb else 0.0) / (x[:, ua - 1] if ua else np.inf)
+            cols.append([judge_bounds(float(low), float(high), max_p95_latency_ratio)
+                         for low, high in zip(np.broadcast_to(lo, reps), np.broadcast_to(hi, reps))])
+        del verdicts
+        table = np.array(cols, dtype=object).T if cols else np.full((reps, 1), Verdict.GO, dtype=object)
+        go[:, j] = (table == Verdict.GO).all(axis=1)
+        no_go[:, j] = (table == Verdict.NO_GO).any(axis=1)
+    return {
+        "sizes": [float(s) for s in sizes],
+        "go_at": go.mean(axis=0).tolist(),
+        "ever_go": np.logical_or.accumulate(go, axis=1).mean(axis=0).tolist(),
+        "ever_no_go": np.logical_or.accumulate(no_go, axis=1).mean(axis=0).tolist(),
+    }
