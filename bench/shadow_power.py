@@ -20,12 +20,13 @@ WORSE = [
                                                max_mismatch_rate=None)),
     ("fails 2 % vs 1 % (at the limit)", dict(ctl_fail=0.01, cand_fail=0.02, mismatch=0.0,
                                              max_mismatch_rate=None)),
-    ("mismatch 8 % (limit 5 %)", dict(ctl_fail=0.0, cand_fail=0.0, mismatch=0.08, max_success_rate_drop=None)),
+    ("mismatch 8 % (limit 5 %)", dict(ctl_fail=0.0, cand_fail=0.0, mismatch=0.08,
+                                      max_success_rate_drop=None)),
     ("mismatch 5 % (at the limit)", dict(ctl_fail=0.0, cand_fail=0.0, mismatch=0.05,
                                          max_success_rate_drop=None)),
-    ("p95 latency 1.6x (limit 1.5x)", dict(ctl_fail=0.0, cand_fail=0.0, mismatch=0.0, max_success_rate_drop=None,
-                                           max_mismatch_rate=None, max_p95_latency_ratio=1.5,
-                                           latency_scale=1.6)),
+    ("p95 latency 1.6x (limit 1.5x)", dict(ctl_fail=0.0, cand_fail=0.0, mismatch=0.0,
+                                           max_success_rate_drop=None, max_mismatch_rate=None,
+                                           max_p95_latency_ratio=1.5, latency_scale=1.6)),
 ]
 
 IDENTICAL = [
@@ -59,7 +60,8 @@ def main() -> None:
     print("| providers | " + " | ".join(f"{int(sizes[j])}" for j in cols) + " | P(no-go) ever |")
     print("|---|" + "---|" * len(cols) + "---|")
     for i, (name, kw) in enumerate(IDENTICAL):
-        sim = simulate(reps=args.reps, max_pairs=args.max_pairs, seed=200 + i, max_p95_latency_ratio=1.5, **kw)
+        sim = simulate(reps=args.reps, max_pairs=args.max_pairs, seed=200 + i, max_p95_latency_ratio=1.5,
+                       **kw)
         print(f"| {name} | " + " | ".join(f"{sim['go_at'][j]:.2f}" for j in cols)
               + f" | {sim['ever_no_go'][-1]:.3f} |")
 

@@ -277,7 +277,6 @@ class _Decoded:
 
     @property
     def mode(self) -> str:
-        first = self.frames[0]
         colour = any(f.colour for f in self.frames)
         alpha = any(f.alpha is not None for f in self.frames)
         return ("colour" if colour else "grey") + ("+alpha" if alpha else "")
@@ -564,7 +563,8 @@ def _side(
                 notes.append(f"{label}: cannot decode {name}: {type(exc).__name__}")
                 decoded = None
                 media.append(f"{art.kind.value} ?")
-            (out.videos if art.kind is ArtifactKind.VIDEO else out.audios).append(decoded)  # type: ignore[arg-type]
+            target: list[Any] = out.videos if art.kind is ArtifactKind.VIDEO else out.audios
+            target.append(decoded)
         else:
             out.others.append(art)
     t = outcome.timings

@@ -243,8 +243,8 @@ def _needed(n: int, first_look: int, alpha: float, decides: Callable[[int, float
 
 
 def judge_rate_drop(
-    ctl_ok: int, cand_ok: int, n: int, margin: float, *, alpha: float, first_look: int, total: int | None = None,
-    estimate_needed: bool = True,
+    ctl_ok: int, cand_ok: int, n: int, margin: float, *, alpha: float, first_look: int,
+    total: int | None = None, estimate_needed: bool = True,
 ) -> Criterion:
     """The success-rate criterion on the first ``n`` pairs (already cut to a look size by the caller when
     ``total`` is given: ``total`` is the window's pairs, used for the pairs-needed estimate)."""
@@ -341,7 +341,6 @@ def simulate(
     no_go = np.zeros_like(go)
     for j, (k, n) in enumerate(zip(ks, sizes, strict=True)):
         a = spent_alpha(k, alpha)
-        verdicts = np.full((reps, 0), Verdict.GO, dtype=object)
         cols = []
         if max_success_rate_drop is not None:
             ctl_ok = counts[:, j, 0] + counts[:, j, 1]
@@ -365,7 +364,6 @@ def simulate(
             lo = (y[:, lb - 1] if lb else 0.0) / (x[:, ua - 1] if ua else np.inf)
             cols.append([judge_bounds(float(low), float(high), max_p95_latency_ratio)
                          for low, high in zip(np.broadcast_to(lo, reps), np.broadcast_to(hi, reps))])
-        del verdicts
         table = np.array(cols, dtype=object).T if cols else np.full((reps, 1), Verdict.GO, dtype=object)
         go[:, j] = (table == Verdict.GO).all(axis=1)
         no_go[:, j] = (table == Verdict.NO_GO).any(axis=1)

@@ -327,9 +327,9 @@ def _criteria(records: list[Comparison], thresholds: dict[str, float], t: Shadow
             def images(s: Side) -> int:
                 return s.images if s.ok else 0
 
-            est, lo, hi = cost_ratio_bounds([cost(r.control) for r in used], [images(r.control) for r in used],
-                                            [cost(r.candidate) for r in used],
-                                            [images(r.candidate) for r in used], a)
+            est, lo, hi = cost_ratio_bounds(
+                [cost(r.control) for r in used], [images(r.control) for r in used],
+                [cost(r.candidate) for r in used], [images(r.candidate) for r in used], a)
             if est is None:
                 c.reason = "no image delivered on one side: no cost per image"
             else:
@@ -499,7 +499,8 @@ def build_report(
     judged = [overall, *groups]
     if any(g.verdict is Verdict.NO_GO for g in judged):
         verdict = Verdict.NO_GO
-        reasons = [f"{g.workflow}: {reason}" for g in judged if g.verdict is Verdict.NO_GO for reason in g.reasons]
+        reasons = [f"{g.workflow}: {reason}" for g in judged if g.verdict is Verdict.NO_GO
+                   for reason in g.reasons]
         needed = None
     elif all(g.verdict is Verdict.GO for g in judged):
         verdict, reasons, needed = Verdict.GO, [], None
@@ -512,7 +513,8 @@ def build_report(
     if len(available) > 1:
         others = ", ".join(f"{k} ({v})" for k, v in sorted(available.items())
                            if k != _pair_name(control, candidate))
-        reasons.append(f"only {_pair_name(control, candidate)} is judged; other pairs in the window: {others}")
+        reasons.append(f"only {_pair_name(control, candidate)} is judged; other pairs in the window: "
+                       f"{others}")
 
     bucket, timeline = _timeline(candidates, thresholds)
     edges, hc, hk = _histogram(
@@ -634,8 +636,8 @@ def render_table(report: ShadowReport):
         style = "bold" if g.workflow == OVERALL else None
         cells = [*cells[:-1], f"[{_COLOURS[g.verdict]}]{cells[-1]}[/]"]
         table.add_row(*cells, style=style)
-    crit = Table(title="criteria (one-sided bounds at the look's alpha; go when the upper bound is within the "
-                 "limit, no-go when the lower bound is beyond it)", title_justify="left")
+    crit = Table(title="criteria (one-sided bounds at the look's alpha; go when the upper bound is within "
+                 "the limit, no-go when the lower bound is beyond it)", title_justify="left")
     for h in _CRITERIA_HEADERS:
         crit.add_column(h, justify="left" if h in ("workflow", "criterion", "verdict") else "right")
     for _, c, cells in _criteria_rows(report):
