@@ -95,6 +95,12 @@ def test_url_only_and_files_are_not_compared_never_a_match():
     rec = compare(a, b, workflow="w")
     assert rec.not_compared == {"image": 1, "file": 1}
     assert pair_status(rec, 64) == "not-compared" and is_mismatch(rec, 64) is None
+    # bytes on one side, a URL on the other: not compared either (neither match nor mismatch)
+    one = compare(result(), media_result("k", [(K.IMAGE, None, "https://cdn.example/b.png")]), workflow="w")
+    assert one.not_compared == {"image": 1} and pair_status(one, 64) == "not-compared"
+    video = compare(media_result("c", [(K.VIDEO, None, "https://cdn.example/a.mp4")]),
+                    media_result("k", [(K.VIDEO, None, "https://cdn.example/b.mp4")]), workflow="w")
+    assert video.not_compared == {"video": 1} and pair_status(video, 64) == "not-compared"
 
 
 def test_video_without_pyav_is_not_compared(monkeypatch):

@@ -476,11 +476,15 @@ def _is_image(art: Artifact) -> bool:
     return art.kind in (ArtifactKind.IMAGE, ArtifactKind.ANIMATION)
 
 
+URL_ONLY = "url-only"
+
+
 class _Outputs:
     """One side's decoded outputs by kind (None where undecodable or without bytes)."""
 
     def __init__(self) -> None:
-        self.images: list[_Decoded | None] = []
+        self.images: list[_Decoded | str | None] = []
+        """Decoded images; None where undecodable; ``URL_ONLY`` where there are no bytes."""
         self.image_names: list[str] = []
         self.videos: list[_Video | None] = []
         self.audios: list[_Audio | None] = []
@@ -529,7 +533,7 @@ def _side(
             out.url_only[art.kind.value] = out.url_only.get(art.kind.value, 0) + 1
             notes.append(f"{label}: {name} has no bytes (URL only): not compared")
             if _is_image(art):
-                out.images.append(None)
+                out.images.append(URL_ONLY)
                 out.image_names.append(name)
                 dims.append(f"{art.width}x{art.height}" if art.width and art.height else "?")
                 frames.append(0)
@@ -588,11 +592,11 @@ def _side(
     return side, out
 
 
-def _pair_images(a: list[_Decoded | None], b: list[_Decoded | None]) -> tuple[list[int], bool]:
+def _pair_images(a: list[Any], b: list[Any]) -> tuple[list[int], bool]:
     """For each image of ``a``, the index of its partner in ``b``: output order, unless pairing by content
     (least total grey-hash distance) makes a better match of a same-size batch."""
     order = list(range(min(len(a), len(b))))
-    if len(a) != len(b) or len(a) < 2 or any(x is None for x in a) or any(y is None for y in b):
+    if len(a) != len(b) or len(a) < 2 or not all(isinstance(x, _Decoded) for x in [*a, *b]):
         return order, False
     import numpy as np
     from scipy.optimize import linear_sum_assignment
@@ -663,8 +667,8 @@ def compare(
     similarities: list[float] = []
     for i, j in enumerate(partner):
         x, y = ao.images[i], bo.images[j]
-        if x is None and y is None:
-            skip("image")
+        if x == URL_ONLY or y == URL_ONLY or (x is None and y is None):
+            skip("image")  # nothing to look at on one side, or undecodable on both
             continue
         if x is None or y is None:
             dims_ok = False  # one side decoded, the other did not
@@ -724,9 +728,9 @@ def compare(
     record.text_similarity = min(text_sims) if text_sims else None
 
     # what is not compared: artifacts without bytes, files, video/audio without PyAV
-    for kind_name, count in ao.url_only.items():
-        if kind_name != "image" and kind_name != "animation":
-            skip(kind_name, count)
+    for kind_name in sorted(set(ao.url_only) | set(bo.url_only)):
+        if kind_name not in ("image", "animation"):
+            skip(kind_name, max(ao.url_only.get(kind_name, 0), bo.url_only.get(kind_name, 0)))
     for art in ao.others:
         skip(art.kind.value)
         if art.kind in (ArtifactKind.VIDEO, ArtifactKind.AUDIO):
