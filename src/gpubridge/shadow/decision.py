@@ -279,7 +279,7 @@ def judge_rate(
     c = Criterion(name=name, limit=limit, n=n, look=k, alpha=a or None)
     if k == 0 or n == 0:
         c.reason = f"{n} compared pairs" + (f", fewer than the first look ({first_look})" if k == 0 else "")
-        c.pairs_needed = max(first_look - total, 1)
+        c.pairs_needed = max(first_look - total, 1) if k == 0 else None
         return c
     c.estimate = k_bad / n
     c.lower, c.upper = exact_interval(k_bad, n, a)
