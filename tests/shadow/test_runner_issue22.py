@@ -7,7 +7,9 @@ import random
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-from gpubridge.models import JobRequest, JobState, Workflow
+import pytest
+
+from gpubridge.models import EventType, JobRequest, JobState, Workflow
 from gpubridge.shadow.compare import compare
 from gpubridge.shadow.runner import ShadowRunner
 from gpubridge.shadow.store import MemorySink
@@ -80,16 +82,20 @@ async def test_comparisons_run_on_their_own_bounded_executor():
     assert runner.metrics.recorded == 2
 
 
-async def test_jobs_followed_with_status_release_their_slot_and_are_recorded():
-    """Rate 1.0, cap 4, 40 jobs followed with status(): 8 started and 0 recorded before the fix."""
+@pytest.mark.parametrize("follow", ["status", "events"])
+async def test_jobs_followed_without_wait_release_their_slot_and_are_recorded(follow: str):
+    """Rate 1.0, cap 4, 40 jobs followed with status()/events(): 8 started and 0 recorded before the fix."""
     ctl, cand = ImageRunner("ctl"), ImageRunner("cand", auto="succeed")
     runner = shadow(ctl, cand, max_inflight=4, timeout=30)
     for _ in range(40):
         handle = await runner.submit(JobRequest(workflow=WORKFLOW))
         ctl.start(handle.job_id)
         ctl.succeed(handle.job_id)
-        status = await runner.status(handle)  # the caller never calls wait()
-        assert status.state is JobState.SUCCEEDED
+        if follow == "status":  # the caller never calls wait()
+            assert (await runner.status(handle)).state is JobState.SUCCEEDED
+        else:
+            seen = [ev.type async for ev in runner.events(handle)]
+            assert seen[-1] is EventType.SUCCEEDED
         assert await runner.drain(timeout=2), "the shadow still holds its slot"
     assert runner.metrics.sampled == 40 and runner.metrics.started == 40 and runner.metrics.dropped == 0
     assert runner.metrics.recorded == 40 and runner.inflight == 0
