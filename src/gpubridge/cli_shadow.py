@@ -1,6 +1,8 @@
 """``gpubridge shadow``: the migration report and the configured stage.
 
-``report`` exits 0, or with ``--check`` 1 when the verdict is not ``go`` (for a CI gate or a cron job).
+``report`` exits 0, or with ``--check`` 1 when the verdict is not ``go`` (for a CI gate or a cron job). It
+judges one (control, candidate) provider pair: ``--control``/``--candidate``, by default the pair of the
+most recent record.
 """
 
 from __future__ import annotations
@@ -63,6 +65,10 @@ def report(
     db: Annotated[Path | None, typer.Option("--db", help="SQLite file (default: [shadow_options] db).")]
     = None,
     check: Annotated[bool, typer.Option("--check", help="Exit 1 unless the verdict is go.")] = False,
+    control: Annotated[str | None, typer.Option("--control", help="Control provider to judge (default: "
+                                                "that of the latest record).")] = None,
+    candidate: Annotated[str | None, typer.Option("--candidate", help="Candidate provider to judge "
+                                                  "(default: that of the latest record).")] = None,
     config: Annotated[Path | None, typer.Option("--config", help="TOML config file.")] = None,
 ) -> None:
     """Figures per workflow and overall, and the go/no-go verdict, from the shadow records."""
@@ -78,7 +84,8 @@ def report(
     except ConfigError as exc:
         _err.print(f"[bold red]error[/]: {exc}")
         raise typer.Exit(2) from None
-    rep = build_report(records, settings.shadow_options, since=start, until=until)
+    rep = build_report(records, settings.shadow_options, since=start, until=until, control=control,
+                       candidate=candidate)
     if not records:
         _err.print(f"no shadow records in {path}" + (f" since {since}" if since else ""))
     if format is Format.table:

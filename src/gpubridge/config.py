@@ -170,6 +170,10 @@ class ShadowThresholds(BaseModel):
     """Candidate p95 total latency over the control's."""
     max_cost_per_image_ratio: float | None = Field(default=None, gt=0.0)
     """Candidate cost per image over the control's."""
+    alpha: float = Field(default=0.05, gt=0.0, lt=0.5)
+    """Error rate of each criterion's verdict over all looks (see docs/shadow.md: alpha spending)."""
+    first_look: int = Field(default=5, ge=1)
+    """Pairs at the first look; later looks at twice as many each (5, 10, 20, ...)."""
 
 
 class ShadowOptions(BaseModel):
@@ -199,6 +203,8 @@ class ShadowOptions(BaseModel):
     """SQLite file for shadow records (default: :func:`default_db_path`)."""
     seed: int | None = None
     """Seed the sampling RNG (reproducible sampling, for tests and benchmarks)."""
+    compare_workers: int = Field(default=2, ge=1)
+    """Threads of the shadow's own comparison executor (never the event loop's default pool)."""
     thresholds: ShadowThresholds = Field(default_factory=ShadowThresholds)
 
     def db_path(self) -> Path:

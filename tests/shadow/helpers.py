@@ -110,3 +110,97 @@ def record(workflow: str, kind: str = "candidate", *, ctl_ok: bool = True, cand_
         rec.phash_distance = distance
         rec.image_pairs = images if distance is not None else 0
     return rec
+
+
+def frames(n: int, size: tuple[int, int] = (48, 48), *, offset: int = 0) -> list[Image.Image]:
+    """``n`` visibly different RGB frames (a bar moving across a colour gradient)."""
+    out = []
+    w, h = size
+    for i in range(n):
+        img = Image.new("RGB", size)
+        px = img.load()
+        for y in range(h):
+            for x in range(w):
+                bar = ((x + (i + offset) * 7) // 6) % 2
+                px[x, y] = (x * 255 // (w - 1), 255 * bar, y * 255 // (h - 1))
+        out.append(img)
+    return out
+
+
+def animation(fmt: str, imgs: list[Image.Image], duration: int = 80) -> bytes:
+    buf = io.BytesIO()
+    first, rest = imgs[0], imgs[1:]
+    if fmt == "GIF":
+        first.save(buf, "GIF", save_all=True, append_images=rest, duration=duration, loop=0)
+    elif fmt == "WEBP":
+        first.save(buf, "WEBP", save_all=True, append_images=rest, duration=duration, lossless=True)
+    else:
+        first.save(buf, "PNG", save_all=True, append_images=rest, duration=duration)
+    return buf.getvalue()
+
+
+def rgba_png(transparent: bool = True) -> bytes:
+    """A gradient with a transparent background around an opaque square (background removal output)."""
+    img = Image.open(io.BytesIO(png("gradient"))).convert("RGBA")
+    if transparent:
+        px = img.load()
+        for y in range(64):
+            for x in range(64):
+                if not (16 <= x < 48 and 16 <= y < 48):
+                    r, g, b, _ = px[x, y]
+                    px[x, y] = (r, g, b, 0)
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def grey_png(data: bytes) -> bytes:
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(data)).convert("L").convert("RGB").save(buf, "PNG")
+    return buf.getvalue()
+
+
+def mp4(n_frames: int = 12, size: tuple[int, int] = (64, 48), fps: int = 12) -> bytes:
+    """A small real H.264/MPEG-4 video (PyAV)."""
+    import av
+
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as out:
+        stream = out.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height = size
+        stream.pix_fmt = "yuv420p"
+        for img in frames(n_frames, size):
+            for packet in stream.encode(av.VideoFrame.from_image(img)):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return buf.getvalue()
+
+
+def wav(seconds: float = 0.5, freq: float = 440.0, rate: int = 16000) -> bytes:
+    import math
+    import struct
+    import wave
+
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        n = int(seconds * rate)
+        w.writeframes(b"".join(struct.pack("<h", int(12000 * math.sin(2 * math.pi * freq * i / rate)))
+                               for i in range(n)))
+    return buf.getvalue()
+
+
+def media_result(job_id: str, items: list[tuple[ArtifactKind, bytes | None, str | None]],
+                 provider: str = "ctl") -> JobResult:
+    """A result with artifacts of any kind: ``(kind, data, text_or_url)``."""
+    arts = []
+    for i, (kind, data, extra) in enumerate(items):
+        if kind is ArtifactKind.TEXT:
+            arts.append(Artifact(node_id=str(10 + i), kind=kind, text=extra))
+        else:
+            arts.append(Artifact(node_id=str(10 + i), kind=kind, filename=f"{job_id}_{i}", data=data,
+                                 url=extra))
+    return JobResult(job_id=job_id, provider=provider, artifacts=arts)

@@ -49,7 +49,8 @@ def test_parse_since():
 def test_report_json_from_the_database(db: Path, in_tmp: Path):
     (in_tmp / "gpubridge.toml").write_text(
         "[shadow_options]\nmin_noise_pairs = 5\nnoise_margin = 2\n"
-        "[shadow_options.thresholds]\nmin_samples = 4\nmax_success_rate_drop = 0.1\nmax_mismatch_rate = 0.3\n"
+        "[shadow_options.thresholds]\nmin_samples = 4\nmax_success_rate_drop = 0.1\n"
+        "max_mismatch_rate = 0.05\n"
     )
     res = cli.invoke(app, ["shadow", "report", "--db", str(db), "--format", "json"])
     assert res.exit_code == 0, res.output

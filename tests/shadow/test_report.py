@@ -70,8 +70,9 @@ def test_workflow_figures_match_hand_computed_values():
     a, b = rep.workflows
     assert (a.workflow, b.workflow) == ("wf-a", "wf-b")
 
-    # wf-a: noise distances [1,2,2,3,4,6] -> p95 = 6th = 6 (measured); threshold 6 + 2 = 8.
-    assert (a.noise_floor, a.floor_source, a.noise_pairs, a.threshold) == (6.0, "measured", 6, 8.0)
+    # wf-a: noise distances [1,2,2,3,4,6], n=6 < 20 -> rank min(ceil(5.7), n-1) = 5th = 4 (never the
+    # maximum), under the default 8 (measured); threshold 4 + 2 = 6.
+    assert (a.noise_floor, a.floor_source, a.noise_pairs, a.threshold) == (4.0, "measured", 6, 6.0)
     assert a.samples == 5
     assert a.outcomes == {"both_ok": 4, "candidate_failed": 1, "control_failed": 0, "both_failed": 0}
     assert a.control.success_rate == 1.0 and a.candidate.success_rate == 0.8
@@ -84,10 +85,16 @@ def test_workflow_figures_match_hand_computed_values():
     assert a.control.cost_per_image == pytest.approx(0.01)
     assert a.candidate.cost_per_image == pytest.approx(0.015)
     assert a.cost_per_image_ratio == pytest.approx(1.5)  # at the threshold: passes
-    # compared (both ok) 4: d=3 no, d=9 > 8 yes, d=5 no, dims differ yes -> 2/4
+    # compared (both ok) 4: d=3 no, d=9 > 6 yes, d=5 no, dims differ yes -> 2/4
     assert (a.compared, a.mismatches, a.mismatch_rate) == (4, 2, 0.5)
-    assert a.verdict is Verdict.NO_GO
-    assert len(a.reasons) == 2 and "success rate" in a.reasons[0] and "mismatch rate" in a.reasons[1]
+    # 5 pairs: 1.0 vs 0.8 success and 2/4 mismatches are neither shown within nor beyond the limits.
+    assert a.verdict is Verdict.INSUFFICIENT_DATA and a.look_pairs == 5
+    names = [c.name for c in a.criteria]
+    assert names == ["success_rate_drop", "mismatch_rate", "p95_latency_ratio", "cost_per_image_ratio"]
+    drop = a.criteria[0]
+    assert drop.estimate == pytest.approx(0.2) and drop.lower < 0.1 < drop.upper
+    # the candidate's 4th wf-a job reports no cost: a reason, not a skip
+    assert "cost missing for 1 successful candidate" in a.criteria[3].reason
 
     # wf-b: 2 noise pairs < 5 -> default floor 8, threshold 10; d=9 is not a mismatch.
     assert (b.noise_floor, b.floor_source, b.noise_pairs, b.threshold) == (8.0, "default", 2, 10.0)
@@ -112,8 +119,7 @@ def test_overall_figures_and_verdict_match_hand_computed_values():
     assert o.control.cost_per_image == pytest.approx(0.01)  # wf-b has no cost: left out
     assert (o.compared, o.mismatches, o.mismatch_rate) == (5, 2, 0.4)
     assert o.error_class_parity == 0.5 and o.noise_pairs == 8
-    assert rep.verdict is Verdict.NO_GO
-    assert [r.split(" ")[0] for r in rep.reasons] == ["candidate", "mismatch", "wf-a:", "wf-a:"]
+    assert rep.verdict is Verdict.INSUFFICIENT_DATA
     assert rep.control == ["runpod"] and rep.candidate == ["modal"]
 
     # mismatch rate per hour: hour 0 {d=3, d=9} 1/2; hour 1 {d=5, dims} 1/2; hour 2 {d=9 under 10} 0/1
@@ -125,13 +131,19 @@ def test_overall_figures_and_verdict_match_hand_computed_values():
     assert rep.latency_edges[0] == 0.0 and rep.latency_edges[-1] == 10.0
 
 
-def test_verdict_go_and_insufficient_data():
+def test_verdict_insufficient_data_on_a_small_fixture():
     loose = OPTIONS.model_copy(update={"thresholds": ShadowThresholds(
         min_samples=4, max_success_rate_drop=0.2, max_mismatch_rate=0.5, max_p95_latency_ratio=1.5)})
-    assert build_report(fixture(), loose).verdict is Verdict.GO
+    rep = build_report(fixture(), loose)
+    assert rep.verdict is Verdict.INSUFFICIENT_DATA  # 8 pairs show nothing either way
+    big = OPTIONS.model_copy(update={"thresholds": ShadowThresholds(min_samples=100, max_mismatch_rate=None)})
+    rep = build_report(fixture(), big)
+    assert rep.verdict is Verdict.INSUFFICIENT_DATA
+    assert any("fewer than min_samples=100" in r for r in rep.reasons)
+    # the default 5 % mismatch limit: 2 of 4 compared pairs is shown above it, min_samples or not
     strict = OPTIONS.model_copy(update={"thresholds": ShadowThresholds(min_samples=100)})
     rep = build_report(fixture(), strict)
-    assert rep.verdict is Verdict.INSUFFICIENT_DATA and "fewer than min_samples=100" in rep.reasons[0]
+    assert rep.verdict is Verdict.NO_GO and rep.reasons[0].startswith("(all): mismatch_rate")
     empty = build_report([], OPTIONS)
     assert empty.overall.samples == 0 and empty.verdict is Verdict.INSUFFICIENT_DATA
 
@@ -139,15 +151,19 @@ def test_verdict_go_and_insufficient_data():
 def test_renderers():
     rep = build_report(fixture(), OPTIONS)
     data = json.loads(render_json(rep))
-    assert data["verdict"] == "no-go" and data["overall"]["mismatch_rate"] == 0.4
+    assert data["verdict"] == "insufficient-data" and data["overall"]["mismatch_rate"] == 0.4
     page = render_html(rep)
     assert page.count("<svg") == 2 and "latency distribution" in page and "mismatch rate over time" in page
     assert "<polyline" in page and page.count("<circle") == 3  # one point per hour
-    assert "no-go" in page and "wf-a" in page
+    assert "insufficient-data" in page and "wf-a" in page
+    # each criterion's interval, the pairs still needed and the not-compared counts
+    assert "one-sided bounds" in page and "success_rate_drop" in page and "pairs needed" in page
+    assert "not compared" in page
 
     from rich.console import Console
 
-    console = Console(width=200, record=True)
+    console = Console(width=240, record=True)
     console.print(render_table(rep))
     text = console.export_text()
-    assert "wf-a" in text and "(all)" in text and "verdict: no-go" in text and "40.0% (2/5)" in text
+    assert "wf-a" in text and "(all)" in text and "verdict: insufficient-data" in text
+    assert "40.0% (2/5)" in text

@@ -283,7 +283,7 @@ async def test_noise_floor_pairs_run_the_control_twice():
 
 
 async def test_unobserved_control_is_counted_unpaired():
-    ctl, cand = ImageRunner("ctl", auto="succeed"), ImageRunner("cand", auto="succeed")
+    ctl, cand = ImageRunner("ctl"), ImageRunner("cand", auto="succeed")  # the control never ends
     runner = shadow(ctl, cand, timeout=0.05)
     await runner.submit(request())  # the caller never waits through this runner
     await runner.drain()

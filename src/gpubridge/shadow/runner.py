@@ -10,9 +10,17 @@ Both are :class:`~gpubridge.runner.WorkflowRunner` and see only that interface.
 - The candidate runs with its own deadline (``timeout``; default the request's ``timeout``, else 600 s);
   past it the candidate's job is cancelled. At most ``max_inflight`` shadows run at once: a sampled job
   beyond that is not shadowed, and ``metrics.dropped`` counts it.
-- The pair is compared once the control's outcome is known, which is when the caller's ``wait`` (or
-  ``run``) through this runner returns or raises; the shadow waits for that up to ``timeout`` after the
-  candidate is done, then gives up (``metrics.unpaired``).
+- The request is snapshotted (deep copy of the workflow and inputs) in ``submit`` before anything is
+  awaited: the candidate and the noise rerun run what the caller submitted, even when the caller changes
+  its ``Workflow`` object (the next seed) right after.
+- The sampling slot (``max_inflight``) is released as soon as the candidate's run (and the noise rerun)
+  ends. The pair is compared once the control's outcome is known: when the caller's ``wait`` (or ``run``)
+  through this runner returns or raises, or, for a caller that follows the job with ``status()`` or
+  ``events()`` instead, from the control's own ``wait`` which the shadow calls itself; it gives up after
+  ``timeout`` (``metrics.unpaired``).
+- Comparisons (image and video decoding) run on the shadow's own bounded thread pool
+  (``compare_workers`` threads), never on the event loop's default executor, which the loop needs for
+  DNS lookups (``getaddrinfo``) of every new connection.
 - For a sample of shadowed jobs (:class:`~gpubridge.shadow.sampling.NoiseFloorSampler`) the control also
   runs the job a second time, in the background; that control-against-control pair is stored with
   ``kind="noise"`` and gives the workflow's noise floor.
@@ -27,10 +35,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import functools
 import logging
 import random
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ..errors import JobNotFound, JobTimeout
@@ -89,7 +99,7 @@ class ShadowMetrics:
 
 
 class _Pair:
-    __slots__ = ("request", "control", "control_s", "started", "task")
+    __slots__ = ("request", "control", "control_s", "started", "task", "slot")
 
     def __init__(self, request: JobRequest, started: float):
         self.request = request
@@ -97,6 +107,8 @@ class _Pair:
         self.control: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         self.control_s: float | None = None
         self.task: asyncio.Task[None] | None = None
+        self.slot = True
+        """Whether the pair still holds its ``max_inflight`` slot."""
 
     def resolve(self, outcome: Outcome) -> None:
         if not self.control.done():
@@ -138,6 +150,7 @@ class ShadowRunner(RunnerWrapper):
         noise_warmup: int = 10,
         noise_refresh_s: float | None = None,
         drain_timeout: float = 10.0,
+        compare_workers: int = 2,
         comparator: Comparator = compare,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.time,
@@ -148,6 +161,8 @@ class ShadowRunner(RunnerWrapper):
         self.timeout = timeout
         self.drain_timeout = drain_timeout
         self.comparator = comparator
+        self._compare_pool = ThreadPoolExecutor(max_workers=max(1, compare_workers),
+                                                thread_name_prefix="gpubridge-shadow-compare")
         rng = rng or random.Random()
         self.sampler = Sampler(sample_rate, rng)
         self.admission = Admission(max_inflight)
@@ -183,15 +198,27 @@ class ShadowRunner(RunnerWrapper):
         if self._closing or not self._sample():
             return await self.inner.submit(request)
         started = time.monotonic()
+        snapshot = self._snapshot(request)  # before any await: the caller may change its workflow next
         try:
             handle = await self.inner.submit(request)
         except asyncio.CancelledError:
             raise
         except BaseException as exc:
-            self._start(request, started, None, exc)
+            if snapshot is not None:
+                self._start(snapshot, started, None, exc)
             raise
-        self._start(request, started, handle, None)
+        if snapshot is not None:
+            self._start(snapshot, started, handle, None)
         return handle
+
+    def _snapshot(self, request: JobRequest) -> JobRequest | None:
+        """A deep copy of the request (workflow and inputs) as submitted."""
+        try:
+            return request.model_copy(update={"workflow": request.workflow.copy()}, deep=True)
+        except Exception:
+            self.metrics.internal_errors += 1
+            log.exception("could not snapshot the request; not shadowing this job")
+            return None
 
     async def wait(self, job: JobRef, *, timeout: float | None = None) -> JobResult:
         pair = self._pairs.get(job_id_of(job))
@@ -281,18 +308,19 @@ class ShadowRunner(RunnerWrapper):
                 )
                 subtasks.append(noise_task)
             cand_outcome, cand_s = await cand
-            try:
-                async with asyncio.timeout(budget):
-                    control = await asyncio.shield(pair.control)
-            except TimeoutError:
+            noise_outcome: tuple[Outcome, float] | None = None
+            if noise_task is not None:
+                noise_outcome = await noise_task
+            self._release(pair)  # the candidate's run has ended: free the sampling slot
+            control = await self._control_outcome(pair, handle, budget)
+            if control is None:
                 self.metrics.unpaired += 1
                 log.info("shadow of %s: the control's outcome was not seen within %.0f s; not compared",
                          handle.job_id if handle else request.request_id, budget)
                 return
             await self._record(control, cand_outcome, pair, cand_s, workflow, "candidate")
-            if noise_task is not None:
-                noise_outcome, noise_s = await noise_task
-                await self._record(control, noise_outcome, pair, noise_s, workflow, "noise")
+            if noise_outcome is not None:
+                await self._record(control, noise_outcome[0], pair, noise_outcome[1], workflow, "noise")
         except asyncio.CancelledError:
             self.metrics.cancelled += 1
             raise
@@ -307,7 +335,43 @@ class ShadowRunner(RunnerWrapper):
                 await asyncio.wait(subtasks)  # each side arranges the cancel of its remote job
             if handle is not None and self._pairs.get(handle.job_id) is pair:
                 del self._pairs[handle.job_id]
+            self._release(pair)
+
+    def _release(self, pair: _Pair) -> None:
+        if pair.slot:
+            pair.slot = False
             self.admission.release()
+
+    async def _control_outcome(self, pair: _Pair, handle: JobHandle | None, budget: float) -> Outcome | None:
+        """The control's outcome: from the caller's ``wait`` through this runner, or, when the caller
+        follows the job otherwise (``status()``, ``events()``), from the control's own ``wait``. None when
+        neither gives it within ``budget``."""
+        if pair.control.done():
+            return pair.control.result()
+        if handle is None:  # pragma: no cover - a refused submit resolves the pair at once
+            return None
+        own = asyncio.ensure_future(self.inner.wait(handle, timeout=budget))
+        try:
+            async with asyncio.timeout(budget):
+                await asyncio.wait({own, pair.control}, return_when=asyncio.FIRST_COMPLETED)
+        except TimeoutError:
+            pass
+        finally:
+            if not own.done():
+                own.cancel()
+                await asyncio.wait({own})
+        if pair.control.done():
+            return pair.control.result()
+        if own.cancelled():
+            return None
+        exc = own.exception()
+        if exc is None:
+            pair.resolve(own.result())
+        elif isinstance(exc, JobTimeout) and not exc.cancelled:  # stopped waiting: not the job's outcome
+            return None
+        elif isinstance(exc, Exception):
+            pair.resolve(exc)
+        return pair.control.result() if pair.control.done() else None
 
     async def _run_side(
         self, runner: WorkflowRunner, request: JobRequest, budget: float, role: str
@@ -387,7 +451,7 @@ class ShadowRunner(RunnerWrapper):
         self, control: Outcome, other: Outcome, pair: _Pair, other_s: float, workflow: str, kind: str
     ) -> None:
         try:
-            record = await asyncio.to_thread(
+            record = await asyncio.get_running_loop().run_in_executor(self._compare_pool, functools.partial(
                 self.comparator,
                 control,
                 other,
@@ -398,7 +462,7 @@ class ShadowRunner(RunnerWrapper):
                 candidate_measured_s=other_s,
                 control_provider=self.inner.name,
                 candidate_provider=(self.candidate if kind == "candidate" else self.inner).name,
-            )
+            ))
         except Exception:
             self.metrics.comparator_errors += 1
             log.exception("shadow comparator failed (%s pair of workflow %s)", kind, workflow)
@@ -439,6 +503,7 @@ class ShadowRunner(RunnerWrapper):
                     await asyncio.wait(pending, timeout=max(self.drain_timeout, 1.0))
             if self._cleanups:
                 await asyncio.wait(set(self._cleanups), timeout=max(self.drain_timeout, 1.0))
+            self._compare_pool.shutdown(wait=False, cancel_futures=True)
             for closer, what in ((self.candidate.aclose, "candidate runner"),
                                  (self.sink.aclose if self.sink else None, "shadow sink")):
                 if closer is None:

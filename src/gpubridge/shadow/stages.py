@@ -86,6 +86,7 @@ def build_stage_runner(
         noise_warmup=opts.noise_warmup,
         noise_refresh_s=opts.noise_refresh_s,
         drain_timeout=opts.drain_timeout,
+        compare_workers=opts.compare_workers,
         rng=rng,
     )
 

@@ -201,6 +201,13 @@ class SQLiteSink:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._executor, self._write_sync, [record])
 
+    async def write_many(self, records: Iterable[Comparison]) -> None:
+        """Write several records in one transaction (imports, tests)."""
+        if self._closed:
+            raise RuntimeError("SQLiteSink is closed")
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self._write_sync, list(records))
+
     def read(self, *, since: float | None = None, until: float | None = None) -> list[Comparison]:
         return read_records(self.path, since=since, until=until)
 
