@@ -92,16 +92,19 @@ async def test_events_follow_queue_start_progress_and_end(runner, threaded_comfy
     handle = await runner.submit(JobRequest(workflow=flux(steps=3), timeout=60))
     assert (await runner.status(handle)).state is JobState.QUEUED
     seen = []
-    started = asyncio.Event()
+    queued, started = asyncio.Event(), asyncio.Event()
 
     async def collect():
         async for ev in runner.events(handle):
             seen.append(ev)
+            if ev.type is EventType.QUEUED:
+                queued.set()
             if ev.type is EventType.STARTED:
                 started.set()
 
     task = asyncio.create_task(collect())
     await asyncio.to_thread(threaded_comfy.wait_for_prompts, 1)
+    await asyncio.wait_for(queued.wait(), 30)  # the stream saw the job queued before the queue moves on
     threaded_comfy.faults.hold_history = True  # the job runs its nodes, then holds before it completes
     threaded_comfy.resume()
     await asyncio.wait_for(started.wait(), 30)
