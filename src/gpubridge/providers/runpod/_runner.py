@@ -1,77 +1,34 @@
-"""Provider ``runpod``: a RunPod serverless endpoint running the gpubridge worker (or worker-comfyui).
-
-It speaks RunPod's v2 queue API (``{base_url}/{endpoint_id}/run``, ``/status/{id}``, ``/cancel/{id}``,
-``/health``, ``/purge-queue``) with one kept-alive ``httpx.AsyncClient`` and a bearer key, and does what the
-``runpod`` SDK does not:
-
-- Adaptive polling: a job is polled fast at first (``poll_initial`` 50 ms), the interval growing by
-  ``poll_backoff`` (1.3) per poll up to ``poll_max`` (0.5 s), and reset when the job's state changes
-  (queued -> running); progress reports do not reset it. Short jobs are seen done well under the SDK's
-  fixed 1 s polling floor. One poller per job feeds ``wait``, ``status`` and ``events``.
-- Optionally (``sync_wait``), ``run()`` goes through ``POST /runsync?wait=``: RunPod answers the moment the
-  job is done, and polling takes over only if it outlives the wait.
-- No error is lost: a FAILED job's ``error`` (a JSON string for worker exceptions), the worker's
-  ``output.details`` and worker-comfyui's ``details`` become a :class:`~gpubridge.errors.JobFailed` with
-  the node, exception type and traceback. Failures of the *worker* (crash, dead ComfyUI, out of memory)
-  are ``retryable``; failures of the workflow are not.
-- 429 and 5xx are retried with exponential backoff that honours ``Retry-After``, bounded in attempts and
-  time. ``POST /run`` is retried only where the request cannot have been accepted (429, 502/503/504,
-  connection refused), so a retry never starts a job twice.
-- ``delayTime``/``executionTime`` become :class:`~gpubridge.models.Timings` and an estimated cost.
-- The request is checked against RunPod's 10 MB ``/run`` limit before it is sent.
-- A 404 for a job this runner submitted means RunPod dropped it (results are kept 30 min after
-  completion; a job's TTL is a hard limit): :class:`~gpubridge.errors.ResultExpired`.
-- The job's deadline cancels it at RunPod (``POST /cancel``) and raises ``JobTimeout(cancelled=True)``.
-
-The API key is a ``SecretStr``; it is only ever put in the Authorization header.
-"""
+"""RunPodRunner: one RunPod serverless endpoint as a WorkflowRunner (see the package docstring)."""
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import base64
-import binascii
 import collections
 import contextlib
 import json
 import logging
-import math
 import os
-import re
 import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import httpx
-from pydantic import Field, SecretStr
-from pydantic_settings import SettingsConfigDict
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt, stop_after_delay
+from pydantic import SecretStr
 
-from ..comfy.protocol import guess_mime
-from ..config import ProviderSettings, Settings
-from ..errors import (
-    AuthError,
+from ...config import Settings
+from ...errors import (
     ConfigError,
     GpuBridgeError,
     JobCancelled,
-    JobFailed,
     JobNotFound,
     JobTimeout,
     PayloadTooLarge,
     ProtocolError,
-    ProviderError,
     ProviderUnavailable,
-    RateLimited,
     ResultExpired,
-    WorkflowFormatError,
-    WorkflowInputError,
-    WorkflowInvalid,
 )
-from ..models import (
+from ...models import (
     STATE_EVENTS,
-    Artifact,
-    ArtifactKind,
     Cost,
     EventType,
     HealthReport,
@@ -83,148 +40,28 @@ from ..models import (
     JobResult,
     JobState,
     JobStatus,
-    Progress,
     Timings,
-    artifact_kind,
 )
-from ..plugins import ProviderSpec, hookimpl
-from ..runner import EventStream, JobRef, WorkflowRunner, as_request, job_id_of
-
-__all__ = [
-    "RunPodRunner",
-    "RunPodSettings",
-    "RUNPOD_GPU_PRICES",
-    "RUN_PAYLOAD_LIMIT",
-    "poll_delays",
-    "parse_failure",
-]
+from ...runner import JobRef, WorkflowRunner, as_request, job_id_of
+from ._polling import _Outcome, poll_delays
+from ._ratelimit import _RateLimiter
+from ._settings import DEFAULT_BASE_URL, RUN_PAYLOAD_LIMIT, RUNPOD_GPU_PRICES, RunPodSettings
+from ._shapes import (
+    _STATES,
+    _artifacts_of,
+    _clamp_ms,
+    _float,
+    _int_map,
+    _mb,
+    _pick,
+    _progress_of,
+    _seconds,
+    _workflow_key,
+    parse_failure,
+)
+from ._transport import Transport, _NotFound
 
 log = logging.getLogger("gpubridge.providers.runpod")
-
-DEFAULT_BASE_URL = "https://api.runpod.ai/v2"
-RUN_PAYLOAD_LIMIT = 10 * 1024 * 1024
-"""RunPod's documented request limit for ``/run`` (10 MB; ``/runsync`` allows 20 MB)."""
-
-RUNPOD_GPU_PRICES: dict[str, float] = {
-    # RunPod serverless "flex" prices in USD per second (runpod.io/pricing, 2025). An estimate: override
-    # with GPUBRIDGE_RUNPOD_GPU_PRICE_PER_S or the [pricing] table.
-    "AMPERE_16": 0.00016, "A4000": 0.00016, "A4500": 0.00016, "RTX4000": 0.00016,
-    "AMPERE_24": 0.00019, "A5000": 0.00019, "L4": 0.00019, "RTX3090": 0.00019,
-    "ADA_24": 0.00031, "RTX4090": 0.00031,
-    "AMPERE_48": 0.00034, "A6000": 0.00034, "A40": 0.00034,
-    "ADA_48_PRO": 0.00053, "L40": 0.00053, "L40S": 0.00053, "RTX6000ADA": 0.00053,
-    "AMPERE_80": 0.00076, "A100": 0.00076,
-    "ADA_80_PRO": 0.00116, "H100": 0.00116,
-    "HOPPER_141": 0.00155, "H200": 0.00155,
-}
-
-_STATES = {
-    "IN_QUEUE": JobState.QUEUED,
-    "IN_PROGRESS": JobState.RUNNING,
-    "RUNNING": JobState.RUNNING,  # in RunPod's docs; the API answers IN_PROGRESS
-    "COMPLETED": JobState.SUCCEEDED,
-    "FAILED": JobState.FAILED,
-    "CANCELLED": JobState.CANCELLED,
-    "TIMED_OUT": JobState.TIMED_OUT,
-}
-# Output keys that list files, in worker-comfyui's shape ({"filename", "type": "base64"|"s3_url", "data"}).
-_FILE_KEYS = ("images", "videos", "gifs", "audio", "files")
-
-
-class RunPodSettings(ProviderSettings):
-    """Settings of the RunPod provider (environment prefix ``GPUBRIDGE_RUNPOD_``, TOML ``[providers.runpod]``).
-
-    The API key may also come from ``RUNPOD_API_KEY``.
-    """
-
-    model_config = SettingsConfigDict(env_prefix="GPUBRIDGE_RUNPOD_")
-    section = "runpod"
-
-    endpoint_id: str | None = None
-    """The serverless endpoint's id (``GPUBRIDGE_RUNPOD_ENDPOINT_ID``)."""
-    api_key: SecretStr | None = None
-    """The RunPod API key (``GPUBRIDGE_RUNPOD_API_KEY``, else ``RUNPOD_API_KEY``)."""
-    base_url: str = DEFAULT_BASE_URL
-    """The v2 API root; the endpoint's URL is ``{base_url}/{endpoint_id}``."""
-    gpu_type: str | None = None
-    """GPU pool or type the endpoint runs on (e.g. ADA_24, L40S, H100), for cost estimates."""
-    gpu_price_per_s: float | None = Field(default=None, ge=0)
-    """USD per second of execution; overrides the price table."""
-    poll_initial: float = Field(default=0.05, gt=0)
-    """First status poll interval in seconds (and after every change)."""
-    poll_max: float = Field(default=0.5, gt=0)
-    """Longest interval between two status polls."""
-    poll_backoff: float = Field(default=1.3, ge=1.0)
-    """Factor the interval grows by while nothing changes."""
-    poll_fast: float = Field(default=0.02, gt=0)
-    """Interval around a running job's expected end (learned from this workflow's recent executionTime)."""
-    status_rate: float = Field(default=100.0, gt=0)
-    """Status polls per second at most, over all jobs (RunPod allows 2000 per 10 s per endpoint)."""
-    request_timeout: float = Field(default=30.0, gt=0)
-    max_attempts: int = Field(default=6, ge=1)
-    """HTTP attempts per call on 429/5xx/connection errors (1 = no retries)."""
-    retry_initial: float = Field(default=0.25, ge=0)
-    """First backoff in seconds; doubles per attempt (with jitter) unless Retry-After says otherwise."""
-    retry_max_wait: float = Field(default=30.0, ge=0)
-    """Longest single wait between two attempts, Retry-After included."""
-    retry_budget: float = Field(default=120.0, gt=0)
-    """Stop retrying one call after this many seconds."""
-    execution_timeout: float | None = Field(default=None, gt=0)
-    """policy.executionTimeout in seconds; default: the job's own timeout."""
-    ttl_margin: float | None = Field(default=300.0, ge=0)
-    """policy.ttl = job timeout + this margin, so an abandoned job dies at RunPod too; unset: no ttl."""
-    low_priority: bool = False
-    """policy.lowPriority: the job does not trigger worker scaling."""
-    webhook: str | None = None
-    sync_wait: float = Field(default=0.0, ge=0, le=300)
-    """``run()`` without an event callback submits through ``POST /runsync?wait=`` and gets the result the
-    moment it is ready (RunPod's server-side wait), polling only if the job outlives this many seconds.
-    0 (default): always ``/run`` + polling. Trade-off: until /runsync answers the job id is unknown, so a
-    caller cancelled during that wait cannot cancel the job (it runs on; RunPod drops its result)."""
-    max_payload_bytes: int = Field(default=RUN_PAYLOAD_LIMIT, gt=0)
-    health_resample: float = Field(default=2.0, ge=0)
-    """When /health shows queued jobs and no ready worker, look again after this many seconds to see
-    whether the queue grows (0: only compare with the previous health() call)."""
-
-
-def poll_delays(initial: float, maximum: float, backoff: float):
-    """The polling intervals while nothing changes: initial, initial*backoff, ... capped at maximum."""
-    delay = min(initial, maximum)
-    while True:
-        yield delay
-        delay = min(maximum, delay * backoff)
-
-
-class _Outcome:
-    """What the poller learned about one job."""
-
-    __slots__ = ("job_id", "ours", "stream", "done", "body", "error", "state", "seen_running", "deadline",
-                 "submitted_at", "finished_at", "task", "wake", "progress", "request_id", "tags", "polls",
-                 "last_status", "workflow_key", "expected_done")
-
-    def __init__(self, job_id: str, *, ours: bool, deadline: float | None, submitted_at: float | None,
-                 request_id: str | None = None, tags: Mapping[str, str] | None = None):
-        self.job_id = job_id
-        self.ours = ours
-        self.stream = EventStream()
-        self.done = asyncio.Event()
-        self.body: dict[str, Any] | None = None
-        self.error: GpuBridgeError | None = None
-        self.state = JobState.QUEUED
-        self.seen_running = False
-        self.deadline = deadline  # loop time
-        self.submitted_at = submitted_at
-        self.finished_at: float | None = None
-        self.task: asyncio.Task[None] | None = None
-        self.wake = asyncio.Event()
-        self.progress: tuple[Any, ...] | None = None
-        self.request_id = request_id
-        self.tags = dict(tags or {})
-        self.polls = 0
-        self.last_status: JobStatus | None = None
-        self.workflow_key: str | None = None
-        self.expected_done: float | None = None  # loop time, once running and the workflow's length is known
-
 
 class RunPodRunner(WorkflowRunner):
     """Runs jobs on one RunPod serverless endpoint. See the module docstring."""
@@ -281,10 +118,6 @@ class RunPodRunner(WorkflowRunner):
         self.poll_fast = min(poll_fast, self.poll_initial)
         self._status_limiter = _RateLimiter(status_rate)
         self._exec_estimate: dict[str, float] = {}  # workflow key -> EWMA of executionTime (s)
-        self.max_attempts = max_attempts
-        self.retry_initial = retry_initial
-        self.retry_max_wait = retry_max_wait
-        self.retry_budget = retry_budget
         self.execution_timeout = execution_timeout
         self.ttl_margin = ttl_margin
         self.low_priority = low_priority
@@ -292,22 +125,18 @@ class RunPodRunner(WorkflowRunner):
         self.sync_wait = sync_wait
         self.max_payload_bytes = max_payload_bytes
         self.health_resample = health_resample
-        headers = {"Accept": "application/json", "User-Agent": "gpubridge-runpod"}
-        if self._api_key is not None and self._api_key.get_secret_value():
-            headers["Authorization"] = f"Bearer {self._api_key.get_secret_value()}"
-        self._http = httpx.AsyncClient(
-            base_url=self.endpoint_url,
-            headers=headers,
-            timeout=httpx.Timeout(request_timeout, connect=min(10.0, request_timeout)),
-            limits=httpx.Limits(max_connections=100, max_keepalive_connections=100),
-            transport=transport,
-            trust_env=False,
+        self._transport = Transport(
+            name=name, endpoint_id=endpoint_id, base_url=self.base_url, api_key=self._api_key,
+            request_timeout=request_timeout, max_attempts=max_attempts, retry_initial=retry_initial,
+            retry_max_wait=retry_max_wait, retry_budget=retry_budget, transport=transport,
         )
+        self._http = self._transport.http
+        self._call = self._transport.call
+        self.stats = self._transport.stats
+        """Requests sent, by route (``run``, ``status``, ``cancel``, ``health``, ...) and ``retries``."""
         self._jobs: collections.OrderedDict[str, _Outcome] = collections.OrderedDict()
         self._max_jobs = 1024
         self._last_health: tuple[float, int, int] | None = None  # (monotonic, inQueue, completed)
-        self.stats: collections.Counter[str] = collections.Counter()
-        """Requests sent, by route (``run``, ``status``, ``cancel``, ``health``, ...) and ``retries``."""
 
     @classmethod
     def from_settings(cls, settings: Settings, **options: Any) -> RunPodRunner:
@@ -353,114 +182,6 @@ class RunPodRunner(WorkflowRunner):
 
     def __repr__(self) -> str:
         return f"<RunPodRunner {self.name!r} {self.endpoint_url}>"
-
-    # ------------------------------------------------------------------------------------------------ HTTP
-
-    async def _call(self, method: str, path: str, *, content: bytes | None = None, resend: bool = True,
-                    timeout: float | None = None) -> Any:
-        """One API call with bounded retries. ``resend=False`` (POST /run): retry only when the request
-        cannot have been accepted."""
-        route = path.split("?", 1)[0].strip("/").split("/", 1)[0]
-
-        def retry_this(exc: BaseException) -> bool:
-            if isinstance(exc, RateLimited):
-                return True
-            if isinstance(exc, ProviderUnavailable) and exc.retryable:
-                return resend or bool(getattr(exc, "_not_sent", False))
-            return False
-
-        def wait(state: RetryCallState) -> float:
-            exc = state.outcome.exception() if state.outcome else None
-            after = getattr(exc, "retry_after", None)
-            if after is not None:
-                return min(max(0.0, after), self.retry_max_wait)
-            base = self.retry_initial * (2 ** (state.attempt_number - 1))
-            return min(self.retry_max_wait, base * (0.5 + _jitter()))
-
-        def before_sleep(state: RetryCallState) -> None:
-            self.stats["retries"] += 1
-            exc = state.outcome.exception() if state.outcome else None
-            log.info("RunPod %s %s: %s; retrying (attempt %d)", method, path, exc, state.attempt_number + 1)
-
-        retrying = AsyncRetrying(
-            retry=retry_if_exception(retry_this),
-            wait=wait,
-            stop=stop_after_attempt(self.max_attempts) | stop_after_delay(self.retry_budget),
-            before_sleep=before_sleep,
-            reraise=True,
-        )
-        async for attempt in retrying:
-            with attempt:
-                self.stats[route] += 1
-                return await self._once(method, path, content, timeout)
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    async def _once(self, method: str, path: str, content: bytes | None, timeout: float | None = None) -> Any:
-        where = f"RunPod endpoint {self.endpoint_id} ({self.base_url})"
-        headers = {"Content-Type": "application/json"} if content is not None else None
-        extra: dict[str, Any] = {}
-        if timeout is not None:
-            extra["timeout"] = httpx.Timeout(timeout, connect=self._http.timeout.connect)
-        try:
-            resp = await self._http.request(method, path, content=content, headers=headers, **extra)
-        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
-            err = ProviderUnavailable(f"Cannot reach {where}: {_short(exc)}", provider=self.name)
-            err._not_sent = True  # type: ignore[attr-defined]
-            raise err from None
-        except httpx.TimeoutException as exc:
-            raise ProviderUnavailable(
-                f"{where} did not answer {method} {path} in time ({type(exc).__name__})", provider=self.name
-            ) from None
-        except httpx.TransportError as exc:
-            raise ProviderUnavailable(
-                f"{where} dropped {method} {path} ({_short(exc)})", provider=self.name
-            ) from None
-        code = resp.status_code
-        if code < 300:
-            try:
-                return resp.json()
-            except ValueError:
-                raise ProtocolError(
-                    f"{where} sent malformed JSON for {method} {path} (HTTP {code}): {resp.text[:120]!r}",
-                    provider=self.name,
-                    status_code=code,
-                ) from None
-        if code in (401, 403):
-            hint = "" if "Authorization" in self._http.headers else " No API key is configured."
-            raise AuthError(
-                f"{where} refused the API key (HTTP {code}) for {method} {path}. Check GPUBRIDGE_RUNPOD_API_KEY "
-                f"or RUNPOD_API_KEY.{hint}",
-                provider=self.name,
-            )
-        if code == 404:
-            raise _NotFound(f"{where} answered 404 to {method} {path}", provider=self.name, status_code=404)
-        if code == 413:
-            raise PayloadTooLarge(
-                f"{where} refused {method} {path} as too large (HTTP 413)", provider=self.name,
-                size=len(content) if content else None,
-            )
-        if code == 429:
-            err = RateLimited(
-                f"{where} is rate limiting {method} {path} (HTTP 429)",
-                provider=self.name,
-                retry_after=_retry_after(resp),
-                status_code=429,
-            )
-            err._not_sent = True  # type: ignore[attr-defined]
-            raise err
-        if code >= 500:
-            err = ProviderUnavailable(
-                f"{where} answered {code} to {method} {path}: {resp.text[:200]}", provider=self.name,
-                status_code=code,
-            )
-            err._not_sent = code in (502, 503, 504)  # type: ignore[attr-defined]
-            raise err
-        raise ProtocolError(
-            f"{where} answered {code} to {method} {path}: {resp.text[:200]}",
-            provider=self.name,
-            status_code=code,
-            retryable=False,
-        )
 
     # ------------------------------------------------------------------------------------------ requests
 
@@ -675,7 +396,7 @@ class RunPodRunner(WorkflowRunner):
         tasks = [o.task for o in self._jobs.values() if o.task is not None]
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
-        await self._http.aclose()
+        await self._transport.aclose()
 
     # ------------------------------------------------------------------------------------------ polling
 
@@ -990,321 +711,3 @@ class RunPodRunner(WorkflowRunner):
             details={"endpoint_id": self.endpoint_id, "base_url": self.base_url, "jobs": jobs},
         )
 
-
-@hookimpl
-def register_providers(register: Any) -> None:
-    register(
-        ProviderSpec(
-            name="runpod",
-            factory=RunPodRunner.from_settings,
-            description="A RunPod serverless endpoint running the gpubridge worker or worker-comfyui "
-            "(GPUBRIDGE_RUNPOD_ENDPOINT_ID, GPUBRIDGE_RUNPOD_API_KEY)",
-            settings=RunPodSettings,
-        )
-    )
-
-
-# ---------------------------------------------------------------------------------------------- failures
-
-
-class _NotFound(ProviderError):
-    """A 404 from the API (translated by each caller: expired job, unknown endpoint...)."""
-
-    retryable = False
-
-
-_WORKER_FAILURE_TYPES = {
-    "WorkerCrashed", "WorkerLost", "SystemExit", "KeyboardInterrupt", "MemoryError", "OutOfMemoryError",
-    "torch.OutOfMemoryError", "torch.cuda.OutOfMemoryError", "ProviderUnavailable", "ComfyStartError",
-}
-_WORKER_FAILURE_TEXT = re.compile(
-    r"worker (?:exited|crashed|died|was lost|lost)|out of memory|exit code -?\d+|"
-    r"comfyui (?:at \S+ )?(?:is not reachable|not reachable|went away|died|is dead)|cannot reach comfyui",
-    re.IGNORECASE,
-)
-_WC_EXEC = re.compile(r"Node Type: (?P<type>[^,]+), Node ID: (?P<id>[^,]+), Message: (?P<msg>.*)", re.DOTALL)
-
-
-def _clean_type(value: Any) -> str | None:
-    if not value:
-        return None
-    text = str(value)
-    m = re.fullmatch(r"<class '([^']+)'>", text.strip())
-    text = m.group(1) if m else text.strip()
-    for prefix in ("builtins.", "__main__."):
-        if text.startswith(prefix):
-            text = text[len(prefix):]
-    return text
-
-
-def parse_failure(body: Mapping[str, Any], *, job_id: str | None = None, provider: str | None = None) -> GpuBridgeError:
-    """The typed error of a FAILED job: its ``error`` (a JSON string for worker exceptions, else text),
-    plus ``output.details`` (gpubridge worker: a dict; worker-comfyui: a list of strings), lose nothing."""
-    raw = body.get("error")
-    output = body.get("output") if isinstance(body.get("output"), Mapping) else {}
-    parsed: Mapping[str, Any] | None = None
-    if isinstance(raw, str) and raw.lstrip().startswith("{"):
-        try:
-            candidate = json.loads(raw)
-            parsed = candidate if isinstance(candidate, Mapping) else None
-        except ValueError:
-            parsed = None
-    elif isinstance(raw, Mapping):
-        parsed = raw
-    details_raw = output.get("details") if output else None
-    if details_raw is None and parsed is not None:
-        details_raw = parsed.get("details")
-    details: dict[str, Any] = dict(details_raw) if isinstance(details_raw, Mapping) else {}
-    if isinstance(details_raw, list):
-        details["errors"] = list(details_raw)
-
-    text = (parsed.get("error_message") or parsed.get("error")) if parsed is not None else raw
-    text = str(text) if text is not None else "RunPod reported the job FAILED without an error"
-    exc_type = _clean_type(details.get("exception_type")) or _clean_type(parsed.get("error_type") if parsed else None)
-    exc_message = details.get("exception_message") or (parsed.get("error_message") if parsed else None)
-    traceback = details.get("traceback") or (parsed.get("error_traceback") if parsed else None) or None
-    node_id = details.get("node_id", details.get("node"))
-    node_type = details.get("node_type")
-    # worker-comfyui: "Workflow execution error: Node Type: X, Node ID: N, Message: M" (in error or details)
-    for candidate in [text, *[e for e in details.get("errors", []) if isinstance(e, str)]]:
-        m = _WC_EXEC.search(candidate)
-        if m and node_id is None:
-            node_type = node_type or m.group("type").strip()
-            node_id = m.group("id").strip()
-            exc_message = exc_message or m.group("msg").strip()
-    node_id = str(node_id) if node_id is not None else None
-    extra = {k: parsed[k] for k in ("hostname", "worker_id", "runpod_version") if parsed and parsed.get(k)}
-    if body.get("workerId"):
-        extra["worker_id"] = body["workerId"]
-    full_details = {**details, **({"runpod": extra} if extra else {})}
-    if output:
-        full_details.setdefault("output", {k: v for k, v in output.items() if k != "details"})
-
-    # Errors the workflow or its inputs caused, reported by the gpubridge worker, keep their own type.
-    if exc_type == "WorkflowInvalid" or (text.startswith("Workflow validation failed") and exc_type is None):
-        return WorkflowInvalid(
-            f"RunPod worker rejected the workflow: {text}" if not details.get("node_errors") else None,
-            error=details.get("error") if isinstance(details.get("error"), Mapping) else {"message": text},
-            node_errors=details.get("node_errors") if isinstance(details.get("node_errors"), Mapping) else {},
-            provider=provider,
-        )
-    if exc_type in ("WorkflowFormatError", "WorkflowInputError"):
-        cls = WorkflowFormatError if exc_type == "WorkflowFormatError" else WorkflowInputError
-        return cls(f"RunPod worker: {text}", provider=provider)
-
-    # Retryable only when the worker (not the workflow) failed: the worker says so, the error type means
-    # the process died or ran out of memory, or (no node to blame) the text says the worker/ComfyUI died.
-    short_type = (exc_type or "").rsplit(".", 1)[-1]
-    worker_failure = bool(
-        details.get("worker_failure")
-        or details.get("refresh_worker")
-        or exc_type in _WORKER_FAILURE_TYPES
-        or short_type in _WORKER_FAILURE_TYPES
-        or (node_id is None and (_WORKER_FAILURE_TEXT.search(text)
-                                 or _WORKER_FAILURE_TEXT.search(str(exc_message or ""))))
-    )
-    if node_id:
-        where = f"node {node_id}" + (f" ({node_type})" if node_type else "")
-        message = f"{where} raised {exc_type or 'an error'}" + (f": {str(exc_message).strip()}" if exc_message else "")
-    else:
-        message = text if exc_type is None or text.startswith(exc_type) else f"{exc_type}: {text}"
-    return JobFailed(
-        f"RunPod job {job_id} failed: {message}" if job_id else message,
-        job_id=job_id,
-        provider=provider,
-        node_id=node_id,
-        node_type=node_type,
-        exception_type=exc_type,
-        exception_message=str(exc_message).strip() if exc_message else text,
-        traceback=traceback,
-        details=full_details,
-        retryable=worker_failure,
-    )
-
-
-# ---------------------------------------------------------------------------------------------- helpers
-
-
-def _progress_of(output: Any) -> Progress | None:
-    """Progress from an IN_PROGRESS ``output`` (what the worker sent with progress_update)."""
-    if not isinstance(output, Mapping):
-        return None
-    p = output.get("progress")
-    if isinstance(p, Mapping):
-        try:
-            return Progress(
-                node_id=str(p["node_id"]) if p.get("node_id") is not None else None,
-                node_type=p.get("node_type"),
-                value=_float(p.get("value")),
-                max=_float(p.get("max")),
-                nodes_done=p.get("nodes_done"),
-                nodes_total=p.get("nodes_total"),
-            )
-        except (ValueError, TypeError):
-            return None
-    if isinstance(p, (int, float)):
-        return Progress(value=float(p), max=100.0)
-    if isinstance(output.get("percent"), (int, float)):
-        return Progress(value=float(output["percent"]), max=100.0)
-    return None
-
-
-def _artifacts_of(output: Any) -> tuple[list[Artifact], dict[str, Any], list[str], dict[str, Any]]:
-    """Artifacts from worker-comfyui's output shape (and its gpubridge extensions)."""
-    if not isinstance(output, Mapping):
-        return [], ({"output": output} if output is not None else {}), [], {}
-    artifacts: list[Artifact] = []
-    warnings: list[str] = [str(e) for e in output.get("errors") or []] if isinstance(output.get("errors"), list) else []
-    for key in _FILE_KEYS:
-        for item in output.get(key) or []:
-            if not isinstance(item, Mapping):
-                continue
-            art = _artifact_of(key, item)
-            if art is not None:
-                artifacts.append(art)
-    message = output.get("message")
-    if isinstance(message, str) and message and not artifacts:  # worker-comfyui < 5: one image
-        art = _artifact_of("images", {"filename": None, "type": "base64", "data": message})
-        if art is not None:
-            artifacts.append(art)
-    for item in output.get("text") or []:
-        if isinstance(item, Mapping):
-            artifacts.append(Artifact(node_id=str(item.get("node_id", "")), kind=ArtifactKind.TEXT,
-                                      text=str(item.get("text", "")), mime_type="text/plain"))
-        elif isinstance(item, str):
-            artifacts.append(Artifact(node_id="", kind=ArtifactKind.TEXT, text=item, mime_type="text/plain"))
-    meta = output.get("gpubridge") if isinstance(output.get("gpubridge"), Mapping) else {}
-    outputs = dict(meta.get("outputs") or {}) if isinstance(meta.get("outputs"), Mapping) else {}
-    warnings.extend(str(w) for w in meta.get("warnings") or [])
-    timings = output.get("timings") if isinstance(output.get("timings"), Mapping) else {}
-    return artifacts, outputs, warnings, dict(timings)
-
-
-def _artifact_of(key: str, item: Mapping[str, Any]) -> Artifact | None:
-    filename = item.get("filename")
-    kind_of_data = item.get("type") or "base64"
-    data = url = None
-    value = item.get("data")
-    if not isinstance(value, str):
-        return None
-    if kind_of_data == "s3_url" or value.startswith(("http://", "https://")):
-        url = value
-    else:
-        if value.startswith("data:"):
-            value = value.partition(",")[2]
-        try:
-            data = base64.b64decode(value, validate=False)
-        except (binascii.Error, ValueError):
-            return None
-    mime = item.get("mime_type") or (guess_mime(filename) if filename else None)
-    if mime is None and data:
-        from ..models import _sniff_mime  # filetype-based sniffing
-
-        mime = _sniff_mime(data)
-    if key == "videos":
-        kind = ArtifactKind.VIDEO if not mime or not mime.startswith("image/") else ArtifactKind.ANIMATION
-    elif key == "gifs":
-        kind = artifact_kind(mime, animated=True) if mime else ArtifactKind.ANIMATION
-    else:
-        kind = artifact_kind(mime)
-    return Artifact(
-        node_id=str(item.get("node_id", "")),
-        kind=kind,
-        filename=filename,
-        subfolder=str(item.get("subfolder") or ""),
-        type=item.get("comfy_type") or "output",
-        mime_type=mime,
-        data=data,
-        url=url,
-        width=item.get("width"),
-        height=item.get("height"),
-        size=len(data) if data is not None else None,
-    )
-
-
-def _pick(body: Mapping[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
-    return {k: body[k] for k in keys if body.get(k) is not None}
-
-
-def _int_map(value: Any) -> dict[str, int]:
-    if not isinstance(value, Mapping):
-        return {}
-    out = {}
-    for k, v in value.items():
-        try:
-            out[str(k)] = int(v)
-        except (TypeError, ValueError):
-            continue
-    return out
-
-
-def _seconds(ms: Any) -> float | None:
-    value = _float(ms)
-    return round(value / 1000.0, 6) if value is not None else None
-
-
-def _float(value: Any) -> float | None:
-    try:
-        return float(value) if value is not None else None
-    except (TypeError, ValueError):
-        return None
-
-
-def _clamp_ms(seconds: float, low: float, high: float) -> int:
-    return int(math.ceil(min(high, max(low, seconds)) * 1000))
-
-
-def _mb(n: int) -> str:
-    return f"{n / (1024 * 1024):.1f} MiB"
-
-
-def _retry_after(resp: httpx.Response) -> float | None:
-    value = resp.headers.get("retry-after")
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        from email.utils import parsedate_to_datetime
-
-        try:
-            return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
-        except (TypeError, ValueError):
-            return None
-
-
-def _short(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    return text if len(text) < 200 else text[:197] + "..."
-
-
-def _workflow_key(request: JobRequest) -> str:
-    """Jobs of one workflow take about as long as each other: key them by the graph's node types (seeds,
-    prompts and sizes aside), or by ``tags["workflow"]`` when the caller names it."""
-    named = request.tags.get("workflow")
-    if named:
-        return f"tag:{named}"
-    types = sorted(str(n.get("class_type")) for n in request.workflow.to_api().values())
-    return "graph:" + hashlib.sha1("|".join(types).encode()).hexdigest()[:16]
-
-
-class _RateLimiter:
-    """At most ``rate`` acquisitions per second, spread evenly (a leaky bucket of one), shared by pollers."""
-
-    def __init__(self, rate: float):
-        self.interval = 1.0 / rate
-        self._next = 0.0
-
-    async def acquire(self) -> None:
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        slot = max(now, self._next)
-        self._next = slot + self.interval
-        if slot > now:
-            await asyncio.sleep(slot - now)
-
-
-def _jitter() -> float:
-    import random
-
-    return random.random()
