@@ -43,10 +43,12 @@ from ...models import (
     Timings,
 )
 from ...runner import JobRef, WorkflowRunner, as_request, job_id_of
-from ._polling import _Outcome, poll_delays
-from ._ratelimit import _RateLimiter
+from ._polling import _Outcome, is_transient, poll_delays, transient_delay
+from ._health import StallTracker
+from ._ratelimit import EndpointLimits, _RateLimiter, shared_limits
 from ._settings import DEFAULT_BASE_URL, RUN_PAYLOAD_LIMIT, RUNPOD_GPU_PRICES, RunPodSettings
 from ._shapes import (
+    parsing,
     _STATES,
     _artifacts_of,
     _clamp_ms,
@@ -59,7 +61,7 @@ from ._shapes import (
     _workflow_key,
     parse_failure,
 )
-from ._transport import Transport, _NotFound
+from ._transport import MAX_BODY_BYTES, Transport, _NotFound
 
 log = logging.getLogger("gpubridge.providers.runpod")
 
@@ -94,6 +96,10 @@ class RunPodRunner(WorkflowRunner):
         sync_wait: float = 0.0,
         max_payload_bytes: int = RUN_PAYLOAD_LIMIT,
         health_resample: float = 2.0,
+        stalled_unhealthy_s: float = 120.0,
+        rate_limits: bool | Mapping[str, tuple[int, float]] | EndpointLimits = True,
+        cancel_grace: float = 5.0,
+        max_body_bytes: int = MAX_BODY_BYTES,
         transport: httpx.AsyncBaseTransport | None = None,
     ):
         if not endpoint_id:
@@ -125,11 +131,26 @@ class RunPodRunner(WorkflowRunner):
         self.sync_wait = sync_wait
         self.max_payload_bytes = max_payload_bytes
         self.health_resample = health_resample
+        self.retry_initial = retry_initial
+        self.retry_max_wait = retry_max_wait
+        self.cancel_grace = cancel_grace
+        self._health = StallTracker(stalled_unhealthy_s)
+        if isinstance(rate_limits, EndpointLimits):
+            limits: EndpointLimits | None = rate_limits
+        elif rate_limits is True:
+            limits = shared_limits(self.base_url, endpoint_id)
+        elif rate_limits:
+            limits = shared_limits(self.base_url, endpoint_id, rate_limits)
+        else:
+            limits = None
         self._transport = Transport(
             name=name, endpoint_id=endpoint_id, base_url=self.base_url, api_key=self._api_key,
             request_timeout=request_timeout, max_attempts=max_attempts, retry_initial=retry_initial,
-            retry_max_wait=retry_max_wait, retry_budget=retry_budget, transport=transport,
+            retry_max_wait=retry_max_wait, retry_budget=retry_budget, transport=transport, limits=limits,
+            max_body_bytes=max_body_bytes,
         )
+        self.limits = limits
+        """RunPod's per-route request limits for this endpoint, shared by every runner of it (None: off)."""
         self._http = self._transport.http
         self._call = self._transport.call
         self.stats = self._transport.stats
@@ -178,6 +199,9 @@ class RunPodRunner(WorkflowRunner):
             sync_wait=cfg.sync_wait,
             max_payload_bytes=cfg.max_payload_bytes,
             health_resample=cfg.health_resample,
+            stalled_unhealthy_s=cfg.stalled_unhealthy_s,
+            rate_limits=cfg.rate_limits,
+            cancel_grace=cfg.cancel_grace,
         )
 
     def __repr__(self) -> str:
@@ -261,29 +285,40 @@ class RunPodRunner(WorkflowRunner):
         content = self.encode_body(request)
         timeout = request.timeout or self.default_timeout
         submitted = time.time()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout  # the deadline covers the whole call, /runsync's wait included
         path, call_timeout = "/run", None
-        if sync_wait:
-            wait_s = min(sync_wait, timeout, 300.0)
+        if sync_wait and timeout >= 2.0:
+            # RunPod waits at least 1 s; leave a second of the deadline for the answer and the cancel.
+            wait_s = min(sync_wait, timeout - 1.0, 300.0)
             path = f"/runsync?wait={max(1000, int(wait_s * 1000))}"
             call_timeout = max(1.0, wait_s) + self._http.timeout.read  # type: ignore[operator]
         try:
-            data = await self._call("POST", path, content=content, resend=False, timeout=call_timeout)
+            call = self._call("POST", path, content=content, resend=False, timeout=call_timeout)
+            data = await (asyncio.wait_for(call, timeout) if call_timeout is not None else call)
+        except TimeoutError:
+            raise JobTimeout(
+                f"RunPod /runsync did not answer within the job's {timeout:g}s deadline; the job may still run "
+                "(its policy.ttl ends it at RunPod)", provider=self.name, state="queued", cancelled=False,
+            ) from None
         except _NotFound:
             raise ConfigError(
                 f"RunPod has no endpoint {self.endpoint_id!r} at {self.base_url} (HTTP 404). Check "
                 "GPUBRIDGE_RUNPOD_ENDPOINT_ID.",
                 provider=self.name,
             ) from None
-        job_id = data.get("id") if isinstance(data, Mapping) else None
-        if not isinstance(job_id, str) or not job_id:
-            raise ProtocolError(f"RunPod /run answered without a job id: {str(data)[:200]}", provider=self.name)
-        loop = asyncio.get_running_loop()
-        out = _Outcome(job_id, ours=True, deadline=loop.time() + timeout, submitted_at=submitted,
+        with parsing("a /run answer", provider=self.name):
+            job_id = data.get("id") if isinstance(data, Mapping) else None
+            if not isinstance(job_id, str) or not job_id:
+                raise ProtocolError(f"RunPod /run answered without a job id: {str(data)[:200]}",
+                                    provider=self.name)
+            first = _STATES.get(str(data.get("status", "IN_QUEUE")))
+        out = _Outcome(job_id, ours=True, deadline=deadline, submitted_at=submitted,
                        request_id=request.request_id, tags=request.tags)
         out.workflow_key = _workflow_key(request)
         self._remember(out)
         out.stream.publish(JobEvent(type=EventType.QUEUED, job_id=job_id, provider=self.name))
-        if _STATES.get(str(data.get("status", "IN_QUEUE"))) is not JobState.QUEUED:
+        if first is not JobState.QUEUED:
             self._observe(out, data)  # /runsync: often already terminal
         return JobHandle(
             job_id=job_id,
@@ -320,8 +355,9 @@ class RunPodRunner(WorkflowRunner):
 
     @staticmethod
     def _settled(out: _Outcome | None) -> JobStatus | None:
-        """The final status of a job this runner already saw end (no request needed)."""
-        if out is None or not out.done.is_set():
+        """The final status of a job whose end RunPod itself reported (no request needed). An end that
+        was not RunPod's word (a deadline whose cancel went unconfirmed) is never answered from cache."""
+        if out is None or not out.done.is_set() or not out.final:
             return None
         if isinstance(out.error, JobNotFound):
             raise out.error
@@ -363,10 +399,13 @@ class RunPodRunner(WorkflowRunner):
                 )
         if out.error is not None:
             raise out.error
-        assert out.body is not None
-        return self._result(out, out.body)
+        assert out.result is not None
+        return out.result
 
     async def cancel(self, job: JobRef) -> JobStatus:
+        """Ask RunPod to cancel the job; the answer is RunPod's (CANCELLED, or the terminal state the job
+        reached first). A job whose end RunPod already reported is not asked again; one that ended here
+        without RunPod's word (its deadline passed and that cancel went unconfirmed) is."""
         job_id = job_id_of(job)
         out = self._jobs.get(job_id)
         settled = self._settled(out)
@@ -376,10 +415,28 @@ class RunPodRunner(WorkflowRunner):
             body = await self._call("POST", f"/cancel/{job_id}")
         except _NotFound:
             raise self._gone(job_id, out) from None
-        status = self._status_of(job_id, body if isinstance(body, Mapping) else {})
-        if out is not None:
-            out.wake.set()  # the poller confirms at once
-        return status
+        with parsing("a /cancel answer", job_id=job_id, provider=self.name):
+            raw = str(body.get("status", "")) if isinstance(body, Mapping) else ""
+        state = _STATES.get(raw)
+        if out is None:
+            return self._status_of(job_id, body if isinstance(body, Mapping) else {})
+        if not out.done.is_set():
+            out.wake.set()  # the poller confirms at once (and fetches the result if it finished first)
+            return self._status_of(job_id, body if isinstance(body, Mapping) else {})
+        if state is not None and state.is_terminal:
+            # Ended here without RunPod's word: RunPod's answer now settles it. A job that finished
+            # first has its result (or failure) in /status, not in the /cancel answer.
+            try:
+                full = await self._call("GET", f"/status/{job_id}")
+                self._observe(out, full)
+            except GpuBridgeError as exc:
+                log.info("RunPod job %s: status after cancel unavailable: %s", job_id, exc)
+            if not out.final and state is JobState.CANCELLED:
+                self._finish(out, error=JobCancelled(f"RunPod job {job_id} was cancelled", job_id=job_id,
+                                                     provider=self.name), state=JobState.CANCELLED, final=True)
+            if out.final and out.last_status is not None:
+                return out.last_status
+        return self._status_of(job_id, body if isinstance(body, Mapping) else {})
 
     def events(self, job: JobRef) -> AsyncIterator[JobEvent]:
         return self._outcome(job).stream.subscribe()
@@ -401,8 +458,12 @@ class RunPodRunner(WorkflowRunner):
     # ------------------------------------------------------------------------------------------ polling
 
     async def _poll(self, out: _Outcome) -> None:
+        """Follow one job until RunPod reports it terminal, or its deadline. Transient errors (429, 5xx,
+        timeouts, dropped connections) never end it: the poller backs off, honouring Retry-After, and
+        asks again. Anything else that goes wrong ends the job with an error, never silence."""
         loop = asyncio.get_running_loop()
         delays = poll_delays(self.poll_initial, self.poll_max, self.poll_backoff)
+        failures = 0
         try:
             while True:
                 if out.deadline is not None and loop.time() >= out.deadline:
@@ -411,40 +472,61 @@ class RunPodRunner(WorkflowRunner):
                 out.wake.clear()
                 await self._status_limiter.acquire()
                 try:
-                    body = await self._call("GET", f"/status/{out.job_id}")
+                    body = await self._before_deadline(out, self._call("GET", f"/status/{out.job_id}"))
                 except _NotFound:
-                    self._finish(out, error=self._gone(out.job_id, out))
+                    self._finish(out, error=self._gone(out.job_id, out), final=True)
                     return
+                except TimeoutError:
+                    continue  # the deadline passed mid-request
                 except GpuBridgeError as exc:
-                    exc.job_may_be_running = True
-                    self._finish(out, error=exc)
-                    return
+                    if not is_transient(exc):
+                        exc.job_may_be_running = True
+                        self._finish(out, error=exc)
+                        return
+                    failures += 1
+                    delay = transient_delay(failures, getattr(exc, "retry_after", None),
+                                            max(self.retry_initial, self.poll_max), self.retry_max_wait)
+                    log.info("RunPod job %s: %s; asking again in %.2fs", out.job_id, exc, delay)
+                    await self._pause(out, delay, loop)
+                    continue
+                failures = 0
                 out.polls += 1
-                if not isinstance(body, Mapping) or "status" not in body:
-                    self._finish(out, error=ProtocolError(
-                        f"RunPod /status for {out.job_id} has no status: {str(body)[:200]}", provider=self.name))
-                    return
                 changed = self._observe(out, body)
                 if out.done.is_set():
                     return
                 if changed:
                     delays = poll_delays(self.poll_initial, self.poll_max, self.poll_backoff)
-                delay = self._shape_delay(out, next(delays), loop.time())
-                if out.deadline is not None:
-                    delay = min(delay, max(0.0, out.deadline - loop.time()))
-                try:
-                    await asyncio.wait_for(out.wake.wait(), delay)
-                except TimeoutError:
-                    pass
+                await self._pause(out, self._shape_delay(out, next(delays), loop.time()), loop)
         except asyncio.CancelledError:
             if not out.done.is_set():  # the runner is closing: release anyone still waiting
                 err = ProviderUnavailable(f"Stopped following RunPod job {out.job_id}: the runner was closed",
                                           provider=self.name)
                 err.job_may_be_running = True
-                out.error = err
-                out.stream.close()
-                out.done.set()
+                self._finish(out, error=err)
             raise
+        except Exception as exc:  # a poller that dies ends its job with an error, never silence
+            log.exception("following RunPod job %s failed", out.job_id)
+            err = ProtocolError(f"Following RunPod job {out.job_id} failed: {type(exc).__name__}: {exc}",
+                                provider=self.name, retryable=True)
+            err.job_may_be_running = True
+            self._finish(out, error=err)
+
+    async def _pause(self, out: _Outcome, delay: float, loop: asyncio.AbstractEventLoop) -> None:
+        """Sleep ``delay`` (never past the deadline); a cancel() wakes it early."""
+        if out.deadline is not None:
+            delay = min(delay, max(0.0, out.deadline - loop.time()))
+        try:
+            await asyncio.wait_for(out.wake.wait(), delay)
+        except TimeoutError:
+            pass
+
+    @staticmethod
+    async def _before_deadline(out: _Outcome, call: Any) -> Any:
+        """Run one request, abandoned (TimeoutError) when the job's deadline passes first."""
+        if out.deadline is None:
+            return await call
+        left = out.deadline - asyncio.get_running_loop().time()
+        return await asyncio.wait_for(call, max(0.0, left))
 
     def _shape_delay(self, out: _Outcome, delay: float, now: float) -> float:
         """Adapt the next poll to a running job's expected end: wake at that moment, then poll fast for a
@@ -483,45 +565,62 @@ class RunPodRunner(WorkflowRunner):
         out.expected_done = asyncio.get_running_loop().time() + (started_wall + estimate - time.time())
 
     async def _on_deadline(self, out: _Outcome) -> None:
+        """Cancel the job at RunPod, within ``cancel_grace``. Only RunPod's CANCELLED (or a terminal state
+        it reports) confirms it; otherwise the JobTimeout says the job may still run (and a later cancel()
+        asks RunPod again)."""
         state = JobState.RUNNING if out.seen_running else JobState.QUEUED
         cancelled = False
         try:
-            body = await self._call("POST", f"/cancel/{out.job_id}")
-            status = str(body.get("status", "")) if isinstance(body, Mapping) else ""
+            body = await asyncio.wait_for(self._call("POST", f"/cancel/{out.job_id}"), self.cancel_grace)
+            with parsing("a /cancel answer", job_id=out.job_id, provider=self.name):
+                status = str(body.get("status", "")) if isinstance(body, Mapping) else ""
             if status in ("COMPLETED", "FAILED"):
                 # It finished as we cancelled: deliver what it produced.
-                final = await self._call("GET", f"/status/{out.job_id}")
+                final = await asyncio.wait_for(self._call("GET", f"/status/{out.job_id}"), self.cancel_grace)
                 if isinstance(final, Mapping) and _STATES.get(str(final.get("status"))) in (
                     JobState.SUCCEEDED, JobState.FAILED
                 ):
                     self._observe(out, final)
                     return
-            cancelled = status in ("CANCELLED", "TIMED_OUT", "")
+            cancelled = status in ("CANCELLED", "TIMED_OUT")
         except _NotFound:
             cancelled = True  # RunPod already dropped it (its ttl)
-        except GpuBridgeError as exc:
-            log.warning("could not cancel RunPod job %s at its deadline: %s", out.job_id, exc)
+        except (GpuBridgeError, TimeoutError) as exc:
+            log.warning("could not cancel RunPod job %s at its deadline: %s", out.job_id, exc or "timed out")
         err = JobTimeout(
             f"RunPod job {out.job_id} passed its deadline while {state.value}"
-            + (" and was cancelled" if cancelled else "; cancelling it failed, it may still run"),
+            + (" and was cancelled" if cancelled else "; cancelling it was not confirmed, it may still run"),
             job_id=out.job_id,
             provider=self.name,
             state=state.value,
             cancelled=cancelled,
         )
-        out.state = JobState.TIMED_OUT
-        self._finish(out, error=err, state=JobState.TIMED_OUT)
+        self._finish(out, error=err, state=JobState.TIMED_OUT, final=cancelled)
 
-    def _observe(self, out: _Outcome, body: Mapping[str, Any]) -> bool:
+    def _observe(self, out: _Outcome, body: Any) -> bool:
         """Fold one status body into the outcome; publish events; finish on a terminal state.
         Returns whether the job's state changed (progress alone does not reset the polling schedule, so a
-        job that reports progress often is not polled at the fastest rate throughout)."""
+        job that reports progress often is not polled at the fastest rate throughout). A body gpubridge
+        cannot read ends the job with a ProtocolError (retryable: the backend's fault)."""
+        if out.done.is_set() and out.final:
+            return False
+        try:
+            with parsing("a /status body", job_id=out.job_id, provider=self.name):
+                if not isinstance(body, Mapping) or "status" not in body:
+                    raise ProtocolError(f"RunPod /status for {out.job_id} has no status: {str(body)[:200]}",
+                                        provider=self.name, retryable=True)
+                return self._fold(out, body)
+        except ProtocolError as exc:
+            exc.job_may_be_running = True
+            self._finish(out, error=exc)
+            return True
+
+    def _fold(self, out: _Outcome, body: Mapping[str, Any]) -> bool:
         raw = str(body.get("status", ""))
         state = _STATES.get(raw)
         if state is None:
-            self._finish(out, error=ProtocolError(
-                f"RunPod reported an unknown status {raw!r} for job {out.job_id}", provider=self.name))
-            return True
+            raise ProtocolError(f"RunPod reported an unknown status {raw[:40]!r} for job {out.job_id}",
+                                provider=self.name, retryable=True)
         changed = False
         if state is JobState.RUNNING and not out.seen_running:
             out.seen_running = True
@@ -555,6 +654,8 @@ class RunPodRunner(WorkflowRunner):
                                             data=_pick(body, ("delayTime", "workerId"))))
             out.body = dict(body)
             if state is JobState.SUCCEEDED:
+                out.finished_at = time.time()
+                out.result = self._result(out, body)  # parsed now: an unreadable result is an error now
                 self._learn(out, body)
             error = None
             if state is JobState.FAILED:
@@ -569,17 +670,27 @@ class RunPodRunner(WorkflowRunner):
                     "passed)",
                     job_id=out.job_id, provider=self.name, state=where.value, cancelled=True,
                 )
-            self._finish(out, error=error, state=state)
+            self._finish(out, error=error, state=state, final=True)
             return True
         return changed
 
-    def _finish(self, out: _Outcome, *, error: GpuBridgeError | None = None, state: JobState | None = None) -> None:
-        if out.done.is_set():
-            return
-        out.error = error
-        out.finished_at = time.time()
+    def _finish(self, out: _Outcome, *, error: GpuBridgeError | None = None, state: JobState | None = None,
+                final: bool = False) -> None:
+        """End the job. ``final``: the end is RunPod's own word (a terminal state, a 404, a confirmed
+        cancel); only such an end is answered from cache, and it replaces an earlier end that was not."""
         if state is None:
             state = JobState.FAILED if error is not None else JobState.SUCCEEDED
+        if out.done.is_set():
+            if out.final or not final:
+                return
+            out.error, out.state, out.final = error, state, True
+            out.last_status = JobStatus(job_id=out.job_id, provider=self.name, state=state,
+                                        error=error.to_dict() if error else None,
+                                        message=str(error) if error else None)
+            return
+        out.error = error
+        out.final = final
+        out.finished_at = out.finished_at or time.time()
         out.state = state
         if out.last_status is None or out.last_status.state is not state:
             out.last_status = JobStatus(job_id=out.job_id, provider=self.name, state=state,
@@ -606,6 +717,10 @@ class RunPodRunner(WorkflowRunner):
         )
 
     def _status_of(self, job_id: str, body: Mapping[str, Any]) -> JobStatus:
+        with parsing("a status body", job_id=job_id, provider=self.name):
+            return self._status_of_unguarded(job_id, body)
+
+    def _status_of_unguarded(self, job_id: str, body: Mapping[str, Any]) -> JobStatus:
         state = _STATES.get(str(body.get("status", "")), JobState.QUEUED)
         error = None
         message = None
@@ -697,6 +812,13 @@ class RunPodRunner(WorkflowRunner):
                 )
             elif ready == 0 and in_queue > 0:
                 message = f"{in_queue} jobs queued and no ready workers (scaling up?)"
+        stalled_for = self._health.observe(in_queue, ready, jobs.get("completed", 0))
+        if self._health.is_unhealthy(stalled_for):
+            state = HealthState.UNHEALTHY
+            message = (
+                f"stuck: {in_queue} jobs queued, no ready worker and no job finished for {stalled_for:.0f}s "
+                f"(limit {self._health.unhealthy_after:g}s)"
+            )
         if state is HealthState.HEALTHY and ready == 0 and workers.get("unhealthy", 0) > 0:
             state = HealthState.DEGRADED
             message = f"{workers['unhealthy']} unhealthy workers and none ready"

@@ -78,4 +78,12 @@ class RunPodSettings(ProviderSettings):
     health_resample: float = Field(default=2.0, ge=0)
     """When /health shows queued jobs and no ready worker, look again after this many seconds to see
     whether the queue grows (0: only compare with the previous health() call)."""
+    stalled_unhealthy_s: float = Field(default=120.0, ge=0)
+    """``health()`` says unhealthy once the endpoint has had jobs queued, no ready worker and no job
+    finishing for this long (a stuck endpoint); until then such an endpoint is degraded at most."""
+    rate_limits: bool = True
+    """Keep to RunPod's per-endpoint limits (/run 1000, /status 2000, /cancel 100 requests per 10 s), one
+    limiter per route shared by every runner of the endpoint in this process."""
+    cancel_grace: float = Field(default=5.0, gt=0)
+    """How long the poller tries to cancel a job at its deadline before reporting it may still run."""
 

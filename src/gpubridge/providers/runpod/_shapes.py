@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import base64
+import contextlib
 import binascii
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from ...comfy.protocol import guess_mime
-from ...errors import GpuBridgeError, JobFailed, WorkflowFormatError, WorkflowInputError, WorkflowInvalid
+from ...errors import GpuBridgeError, ProtocolError, JobFailed, WorkflowFormatError, WorkflowInputError, WorkflowInvalid
 from ...models import Artifact, ArtifactKind, JobRequest, JobState, Progress, artifact_kind
 
 _STATES = {
@@ -26,6 +27,24 @@ _STATES = {
 }
 # Output keys that list files, in worker-comfyui's shape ({"filename", "type": "base64"|"s3_url", "data"}).
 _FILE_KEYS = ("images", "videos", "gifs", "audio", "files")
+
+
+@contextlib.contextmanager
+def parsing(what: str, *, job_id: str | None = None, provider: str | None = None) -> Iterator[None]:
+    """The one place a RunPod body is read: anything unexpected in it (wrong types, missing keys) becomes
+    a ProtocolError, retryable because it is the backend's fault, instead of a TypeError or
+    ValidationError that nothing can classify."""
+    try:
+        yield
+    except GpuBridgeError:
+        raise
+    except Exception as exc:
+        text = str(exc).splitlines()[0][:200] if str(exc) else ""
+        raise ProtocolError(
+            f"RunPod sent {what}" + (f" for job {job_id}" if job_id else "")
+            + f" that gpubridge cannot read ({type(exc).__name__}: {text})",
+            provider=provider, retryable=True,
+        ) from None
 
 
 _WORKER_FAILURE_TYPES = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import time
 from typing import Any
@@ -20,7 +21,12 @@ from ...errors import (
     RateLimited,
 )
 
+from ._ratelimit import EndpointLimits, route_class
+
 log = logging.getLogger("gpubridge.providers.runpod")
+
+MAX_BODY_BYTES = 64 * 1024 * 1024
+"""Largest response body read from RunPod (a /status body carries the job's base64 outputs)."""
 
 class _NotFound(ProviderError):
     """A 404 from the API (translated by each caller: expired job, unknown endpoint...)."""
@@ -61,8 +67,12 @@ class Transport:
 
     def __init__(self, *, name: str, endpoint_id: str, base_url: str, api_key: SecretStr | None,
                  request_timeout: float, max_attempts: int, retry_initial: float, retry_max_wait: float,
-                 retry_budget: float, transport: httpx.AsyncBaseTransport | None = None):
+                 retry_budget: float, transport: httpx.AsyncBaseTransport | None = None,
+                 limits: EndpointLimits | None = None, max_body_bytes: int = MAX_BODY_BYTES):
         self.name = name
+        self.limits = limits
+        """RunPod's per-route limits for this endpoint (shared with every runner of it), or None."""
+        self.max_body_bytes = max_body_bytes
         self.endpoint_id = endpoint_id
         self.base_url = base_url
         self.max_attempts = max_attempts
@@ -89,7 +99,7 @@ class Transport:
                     timeout: float | None = None) -> Any:
         """One API call with bounded retries. ``resend=False`` (POST /run): retry only when the request
         cannot have been accepted."""
-        route = path.split("?", 1)[0].strip("/").split("/", 1)[0]
+        route = route_class(path)
 
         def retry_this(exc: BaseException) -> bool:
             if isinstance(exc, RateLimited):
@@ -120,9 +130,31 @@ class Transport:
         )
         async for attempt in retrying:
             with attempt:
+                if self.limits is not None:
+                    await self.limits.acquire(route)
                 self.stats[route] += 1
                 return await self._once(method, path, content, timeout)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _read_capped(self, resp: httpx.Response, where: str, method: str, path: str) -> bytes:
+        """The body, refused (ProtocolError) past ``max_body_bytes`` before it is all in memory."""
+        declared = resp.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > self.max_body_bytes:
+            raise self._too_big(where, method, path, int(declared))
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in resp.aiter_bytes():
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                raise self._too_big(where, method, path, size)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _too_big(self, where: str, method: str, path: str, size: int) -> ProtocolError:
+        return ProtocolError(
+            f"{where} answered {method} {path} with a body over {self.max_body_bytes} bytes ({size}+); not read",
+            provider=self.name, retryable=True,
+        )
 
     async def _once(self, method: str, path: str, content: bytes | None, timeout: float | None = None) -> Any:
         where = f"RunPod endpoint {self.endpoint_id} ({self.base_url})"
@@ -131,7 +163,12 @@ class Transport:
         if timeout is not None:
             extra["timeout"] = httpx.Timeout(timeout, connect=self.http.timeout.connect)
         try:
-            resp = await self.http.request(method, path, content=content, headers=headers, **extra)
+            request = self.http.build_request(method, path, content=content, headers=headers, **extra)
+            resp = await self.http.send(request, stream=True)
+            try:
+                raw = await self._read_capped(resp, where, method, path)
+            finally:
+                await resp.aclose()
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
             err = ProviderUnavailable(f"Cannot reach {where}: {_short(exc)}", provider=self.name)
             err._not_sent = True  # type: ignore[attr-defined]
@@ -145,12 +182,13 @@ class Transport:
                 f"{where} dropped {method} {path} ({_short(exc)})", provider=self.name
             ) from None
         code = resp.status_code
+        text = raw[:400].decode("utf-8", "replace")
         if code < 300:
             try:
-                return resp.json()
+                return json.loads(raw)
             except ValueError:
                 raise ProtocolError(
-                    f"{where} sent malformed JSON for {method} {path} (HTTP {code}): {resp.text[:120]!r}",
+                    f"{where} sent malformed JSON for {method} {path} (HTTP {code}): {text[:120]!r}",
                     provider=self.name,
                     status_code=code,
                 ) from None
@@ -179,13 +217,13 @@ class Transport:
             raise err
         if code >= 500:
             err = ProviderUnavailable(
-                f"{where} answered {code} to {method} {path}: {resp.text[:200]}", provider=self.name,
+                f"{where} answered {code} to {method} {path}: {text[:200]}", provider=self.name,
                 status_code=code,
             )
             err._not_sent = code in (502, 503, 504)  # type: ignore[attr-defined]
             raise err
         raise ProtocolError(
-            f"{where} answered {code} to {method} {path}: {resp.text[:200]}",
+            f"{where} answered {code} to {method} {path}: {text[:200]}",
             provider=self.name,
             status_code=code,
             retryable=False,
