@@ -413,12 +413,21 @@ class ModalRunner(WorkflowRunner):
         for delay in (*_RESUBMIT_DELAYS, None):
             try:
                 resp = await self._request("POST", "/v1/jobs", content=body, headers=headers)
-                break
             except ProviderUnavailable as exc:
                 if delay is None or not exc.job_may_be_running:
                     raise
                 await asyncio.sleep(delay)
-        env = self._envelope(resp, "POST /v1/jobs")
+                continue
+            try:
+                env = self._envelope(resp, "POST /v1/jobs")
+                break
+            except ProtocolError as exc:
+                # The submit was accepted but its answer is unreadable: the job may exist. Ask again with
+                # the same key; the API hands back the job it created instead of starting a second one.
+                if delay is None:
+                    exc.job_may_be_running = True
+                    raise
+                await asyncio.sleep(delay)
         return JobHandle(
             job_id=env.job_id,
             provider=self.name,

@@ -39,7 +39,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
-from ..errors import GpuBridgeError, JobCancelled, JobNotFound, JobTimeout
+from ..errors import GpuBridgeError, JobCancelled, JobNotFound, JobTimeout, ProviderError
 from ..models import (
     STATE_EVENTS,
     Attempt,
@@ -415,6 +415,7 @@ class FailoverRunner(WorkflowRunner):
             cancelled = isinstance(exc, asyncio.CancelledError)
             if not getattr(exc, "cancel_handled", False) and (
                 cancelled or getattr(exc, "job_may_be_running", False) or not isinstance(exc, GpuBridgeError)
+                or isinstance(exc, ProviderError)  # 429/5xx/unreadable: not the backend's word on the job
             ):
                 confirmed = await self._cancel_attempt(runner, handle)
                 if not cancelled and not sup.cancel_requested and confirmed is not None and (
@@ -451,13 +452,23 @@ class FailoverRunner(WorkflowRunner):
             sup.failed.append(attempt.provider)
 
     async def _late_result(self, sup: _Supervised, runner: WorkflowRunner, handle: JobHandle) -> JobResult | None:
-        """The result of an attempt whose cancel was answered "completed", if it can still be had."""
-        try:
-            return await runner.wait(handle, timeout=max(0.0, sup.deadline - self._clock()))
-        except Exception as exc:
-            log.warning("%s job %s completed as it was cancelled, but its result could not be had: %s",
-                        runner.name, handle.job_id, exc)
-            return None
+        """The result of an attempt whose cancel was answered "completed", if it can still be had: a
+        transient error fetching it (429, 5xx) is asked again, a few times, before the deadline."""
+        for attempt in range(1, 6):
+            left = sup.deadline - self._clock()
+            if left <= 0:
+                break
+            try:
+                return await runner.wait(handle, timeout=left)
+            except ProviderError as exc:
+                log.info("result of %s job %s (completed as it was cancelled) not fetched yet: %s",
+                         runner.name, handle.job_id, exc)
+                await asyncio.sleep(min(left, self.backoff.delay(attempt, self._rng, retry_after_of(exc))))
+            except Exception as exc:
+                log.warning("%s job %s completed as it was cancelled, but its result could not be had: %s",
+                            runner.name, handle.job_id, exc)
+                return None
+        return None
 
     async def _follow(self, sup: _Supervised, runner: WorkflowRunner, handle: JobHandle) -> JobResult:
         waiter = asyncio.create_task(runner.wait(handle))
