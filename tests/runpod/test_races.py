@@ -215,3 +215,32 @@ def test_runners_of_one_endpoint_share_its_limits():
     c = RunPodRunner("other", api_key="k", base_url="http://127.0.0.1:9/v2")
     assert a.limits is b.limits and a.limits is not c.limits
     assert a.limits is not None and a.limits.buckets["cancel"].limit <= 100
+
+
+async def test_a_job_whose_worker_dies_is_requeued_and_runs_once_more(rp: RunPodEndpointDouble):
+    """RunPod puts a job back in the queue when its worker dies: the provider follows it through
+    IN_PROGRESS -> IN_QUEUE -> COMPLETED and delivers the one result."""
+    rp.lose_worker_next = 1
+    runner = make_runner(rp)
+    try:
+        result = await asyncio.wait_for(runner.run(req(timeout=30)), 10)
+        assert result.images
+        assert rp.counters["requeued"] == 1 and rp.completions[result.request_id] == 1
+        assert rp.snapshot(result.job_id)["retries"] == 1
+    finally:
+        await runner.aclose()
+
+
+async def test_the_double_enforces_runpods_limits_per_route(gate: Gate):
+    import httpx
+
+    async with RunPodEndpointDouble(gate, api_key=API_KEY, rate_limits={"status": (3, 60.0)}) as rp:
+        headers = {"Authorization": f"Bearer {API_KEY}"}
+        async with httpx.AsyncClient(base_url=rp.endpoint_url, headers=headers, trust_env=False) as http:
+            job_id = (await http.post("/run", json={"input": {}})).json()["id"]
+            codes = [(await http.get(f"/status/{job_id}")).status_code for _ in range(4)]
+            assert codes == [200, 200, 200, 429]
+            limited = await http.get(f"/status/{job_id}")
+            assert float(limited.headers["Retry-After"]) > 0
+            assert (await http.post(f"/cancel/{job_id}")).status_code == 200  # another route, its own limit
+            assert rp.counters["rate_limited_status"] == 2 and rp.counters["rate_limited_cancel"] == 0
