@@ -73,10 +73,14 @@ class TokenBucket:
 
 
 class EndpointLimits:
-    """One :class:`TokenBucket` per route class of one endpoint; routes without a limit pass freely."""
+    """One :class:`TokenBucket` per route class of one endpoint (a tenth under RunPod's limit); routes
+    without a limit pass freely."""
 
-    def __init__(self, limits: Mapping[str, tuple[int, float]] | None = None, *, clock: Clock = time.monotonic):
-        self.buckets = {route: TokenBucket(n, per, clock=clock) for route, (n, per) in
+    def __init__(self, limits: Mapping[str, tuple[int, float]] | None = None, *, margin: float = 0.9,
+                 clock: Clock = time.monotonic):
+        # ``margin``: keep a tenth under the limit, so network jitter (requests bunching on the way) does
+        # not push the server's count over it.
+        self.buckets = {route: TokenBucket(max(1, int(n * margin)), per, clock=clock) for route, (n, per) in
                         (RUNPOD_RATE_LIMITS if limits is None else limits).items()}
         self._lock = threading.Lock()  # runners of one endpoint may live on different loops
 
