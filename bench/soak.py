@@ -308,7 +308,7 @@ async def soak(jobs: int, concurrency: int, fault_rate: float, seed: int, runpod
         run_twice = len(twice)
         twice_where = Counter(f"modal x{runs_a[c]} + runpod x{runs_b[c]}" for c in twice)
         twice_attempts = [
-            [(a.provider, a.outcome, (a.error or {}).get("type")) for a in o.attempts]
+            [(a.provider, a.job_id, a.outcome, (a.error or {}).get("type")) for a in o.attempts]
             for o in outcomes if colour_of.get(o.request_id or "") in set(twice)
         ][:5]
         lost = jobs - finished

@@ -21,6 +21,7 @@ class Hostile:
     def __init__(self) -> None:
         self.submit_error: dict[str, Any] | None = None
         self.job_error: dict[str, Any] = {}
+        self.throttle = 0
 
     def envelope(self, state: str, error: dict[str, Any] | None = None) -> dict[str, Any]:
         return {"job_id": "j1", "version": 1, "deadline": time.time() + 30,
@@ -32,6 +33,9 @@ class Hostile:
         return web.json_response(self.envelope("queued"), status=202)
 
     async def job(self, request: web.Request) -> web.Response:
+        if self.throttle > 0:
+            self.throttle -= 1
+            return web.json_response({"error": "slow down"}, status=429, headers={"Retry-After": "0"})
         return web.json_response(self.envelope("failed", self.job_error))
 
 
@@ -78,5 +82,20 @@ async def test_a_job_error_of_the_wrong_shape_is_a_protocol_error(hostile):
         with pytest.raises(JobFailed) as info:  # the right shape still reads
             await runner.wait("j1", timeout=5)
         assert info.value.node_id == "3"
+    finally:
+        await runner.aclose()
+
+
+async def test_a_429_while_following_a_job_is_asked_again(hostile):
+    """Issue 23 on the Modal side: one 429 on the job's long-poll ended the attempt with RateLimited, and
+    failover ran the job a second time while the first one was finishing."""
+    h, url = hostile
+    h.throttle = 1
+    h.job_error = {"type": "JobFailed", "message": "node 3 raised", "node_id": "3"}
+    runner = ModalRunner(url, token="t")
+    try:
+        with pytest.raises(JobFailed):  # the job's own end, not the 429
+            await runner.wait("j1", timeout=5)
+        assert h.throttle == 0
     finally:
         await runner.aclose()

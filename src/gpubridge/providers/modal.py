@@ -389,14 +389,14 @@ class ModalRunner(WorkflowRunner):
         return self._envelope(resp, f"job {job_id}")
 
     async def _poll(self, job_id: str, *, wait: float, after: int | None = None) -> _Envelope:
-        """A long-poll that rides out brief outages (connection drops, 5xx), a few times."""
+        """A long-poll that rides out brief outages (connection drops, 5xx, 429), a few times."""
         for delay in (*_RETRY_DELAYS, None):
             try:
                 return await self._get(job_id, wait=wait, after=after)
-            except (ProviderUnavailable, ProtocolError) as exc:
+            except (ProviderUnavailable, ProtocolError, RateLimited) as exc:
                 if delay is None or not exc.retryable:
                     raise
-                await asyncio.sleep(delay)
+                await asyncio.sleep(max(delay, getattr(exc, "retry_after", None) or 0.0))
         raise AssertionError("unreachable")  # pragma: no cover
 
     # ---------------------------------------------------------------------------------------- runner
