@@ -410,13 +410,16 @@ class ModalRunner(WorkflowRunner):
         submitted = time.time()
         body = request.model_dump_json()
         headers = {"Content-Type": "application/json", "Idempotency-Key": uuid.uuid4().hex}
+        maybe_created = False  # an earlier try may have created the job: keep asking with the same key
         for delay in (*_RESUBMIT_DELAYS, None):
             try:
                 resp = await self._request("POST", "/v1/jobs", content=body, headers=headers)
-            except ProviderUnavailable as exc:
-                if delay is None or not exc.job_may_be_running:
+            except (ProviderUnavailable, RateLimited) as exc:
+                maybe_created = maybe_created or exc.job_may_be_running
+                if delay is None or not maybe_created:
+                    exc.job_may_be_running = maybe_created
                     raise
-                await asyncio.sleep(delay)
+                await asyncio.sleep(max(delay, getattr(exc, "retry_after", None) or 0.0))
                 continue
             try:
                 env = self._envelope(resp, "POST /v1/jobs")
