@@ -251,7 +251,8 @@ async def soak(jobs: int, concurrency: int, fault_rate: float, seed: int, runpod
         async def chaos() -> None:
             """Drop ComfyUI A's websockets now and then; throttle RunPod in bursts, alternating with 429
             storms on /status and /cancel; every ``stall_every`` rounds, stall RunPod (no workers) for a
-            round, so its queued jobs are cancelled and rerouted while /cancel may be storming."""
+            two rounds, so its queued jobs pass queue_timeout and are cancelled and rerouted while /cancel may be
+            storming."""
             knobs = f"{info['control']}/soak/knobs"
             async with httpx.AsyncClient(trust_env=False) as http:
                 n = 0
@@ -269,7 +270,7 @@ async def soak(jobs: int, concurrency: int, fault_rate: float, seed: int, runpod
                         if stall_every and n % stall_every == 0:
                             await http.post(knobs, json={"workers": 0})
                             storms["stall"] += 1
-                        elif stall_every and n % stall_every == 1 and n > 1:
+                        elif stall_every and n % stall_every == 2 and n > 2:  # 4 s: past queue_timeout
                             await http.post(knobs, json={"workers": 2})
 
         chaos_task = asyncio.create_task(chaos())

@@ -102,7 +102,8 @@ async def test_a_429_while_following_a_job_is_asked_again(hostile):
 
 
 async def test_a_submit_that_may_have_created_the_job_is_asked_again_after_a_refusal(hostile):
-    """Soak finding: an answer lost after the job was created, then a refused connection on the resend,
+    """Soak finding: an answer lost (or unreadable) after the job was created, then a refused connection
+    on the resend,
     ended the submit (job_may_be_running=False) and failover ran the job a second time elsewhere."""
     import httpx
 
@@ -113,6 +114,7 @@ async def test_a_submit_that_may_have_created_the_job_is_asked_again_after_a_ref
         def __init__(self) -> None:
             self.real = httpx.AsyncHTTPTransport()
             self.calls = 0
+            self.first = "lost"
 
         async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
             self.calls += 1
@@ -120,6 +122,8 @@ async def test_a_submit_that_may_have_created_the_job_is_asked_again_after_a_ref
             if self.calls == 1:
                 response = await self.real.handle_async_request(request)
                 await response.aread()
+                if self.first == "unreadable":
+                    return httpx.Response(202, content=b"{not json", request=request)
                 raise httpx.ReadTimeout("the answer was lost", request=request)
             if self.calls == 2:
                 raise httpx.ConnectError("connection refused", request=request)
@@ -128,9 +132,13 @@ async def test_a_submit_that_may_have_created_the_job_is_asked_again_after_a_ref
         async def aclose(self) -> None:
             await self.real.aclose()
 
-    runner = ModalRunner(url, token="t", transport=LostThenRefused())
-    try:
-        handle = await runner.submit(JobRequest(workflow=WF, timeout=10))
-        assert handle.job_id == "j1" and len(keys) == 3 and len(set(keys)) == 1
-    finally:
-        await runner.aclose()
+    for first in ("lost", "unreadable"):
+        keys.clear()
+        transport = LostThenRefused()
+        transport.first = first
+        runner = ModalRunner(url, token="t", transport=transport)
+        try:
+            handle = await runner.submit(JobRequest(workflow=WF, timeout=10))
+            assert handle.job_id == "j1" and len(keys) == 3 and len(set(keys)) == 1
+        finally:
+            await runner.aclose()

@@ -427,6 +427,7 @@ class ModalRunner(WorkflowRunner):
             except ProtocolError as exc:
                 # The submit was accepted but its answer is unreadable: the job may exist. Ask again with
                 # the same key; the API hands back the job it created instead of starting a second one.
+                maybe_created = True
                 if delay is None:
                     exc.job_may_be_running = True
                     raise
