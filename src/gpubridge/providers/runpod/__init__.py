@@ -16,12 +16,23 @@ It speaks RunPod's v2 queue API (``{base_url}/{endpoint_id}/run``, ``/status/{id
   are ``retryable``; failures of the workflow are not.
 - 429 and 5xx are retried with exponential backoff that honours ``Retry-After``, bounded in attempts and
   time. ``POST /run`` is retried only where the request cannot have been accepted (429, 502/503/504,
-  connection refused), so a retry never starts a job twice.
+  connection refused), so a retry never starts a job twice. A transient error never ends a job: the
+  poller keeps asking until RunPod reports a terminal state or the deadline passes, and ``status()`` /
+  ``cancel()`` ask RunPod again unless RunPod's own word ended the job.
+- RunPod's per-endpoint limits (``/run`` 1,000, ``/status`` 2,000, ``/cancel`` 100 requests per 10 s) are
+  kept client-side: one token bucket per route, shared by every runner of the endpoint in the process.
+- Every body is read in one place per shape: anything unexpected is a retryable ``ProtocolError``; bodies
+  over 64 MiB are refused unread.
 - ``delayTime``/``executionTime`` become :class:`~gpubridge.models.Timings` and an estimated cost.
 - The request is checked against RunPod's 10 MB ``/run`` limit before it is sent.
 - A 404 for a job this runner submitted means RunPod dropped it (results are kept 30 min after
   completion; a job's TTL is a hard limit): :class:`~gpubridge.errors.ResultExpired`.
-- The job's deadline cancels it at RunPod (``POST /cancel``) and raises ``JobTimeout(cancelled=True)``.
+- The job's deadline (which covers ``/runsync``'s wait too) cancels it at RunPod (``POST /cancel``) and
+  raises ``JobTimeout(cancelled=True)`` once RunPod confirms it, else ``cancelled=False``.
+
+Modules: ``_transport`` (HTTP, retries, typed errors), ``_polling`` (intervals, transient backoff, the
+per-job outcome), ``_shapes`` (RunPod and worker bodies), ``_ratelimit``, ``_health``, ``_settings``,
+``_runner`` (RunPodRunner).
 
 The API key is a ``SecretStr``; it is only ever put in the Authorization header.
 """
