@@ -244,3 +244,21 @@ async def test_the_double_enforces_runpods_limits_per_route(gate: Gate):
             assert float(limited.headers["Retry-After"]) > 0
             assert (await http.post(f"/cancel/{job_id}")).status_code == 200  # another route, its own limit
             assert rp.counters["rate_limited_status"] == 2 and rp.counters["rate_limited_cancel"] == 0
+
+
+async def test_a_poller_that_dies_ends_its_job_with_an_error(rp: RunPodEndpointDouble, monkeypatch):
+    """Issue 10 item 5: whatever kills the poller, wait() ends with an error instead of hanging."""
+    rp.workers = 0
+    runner = make_runner(rp)
+
+    def broken(*args: Any) -> float:
+        raise RuntimeError("a bug in the polling schedule")
+
+    monkeypatch.setattr(runner, "_shape_delay", broken)
+    try:
+        handle = await runner.submit(req(timeout=30))
+        with pytest.raises(ProtocolError) as info:
+            await asyncio.wait_for(runner.wait(handle), 10)
+        assert info.value.job_may_be_running and "RuntimeError" in str(info.value)
+    finally:
+        await runner.aclose()
