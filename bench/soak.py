@@ -15,11 +15,16 @@ Faults (their shares add up to ``--fault-rate`` of Modal API requests, plus RunP
 - Modal API requests, on the client side of the wire: connection refused/reset before sending, 503, 429,
   malformed JSON bodies, and answers lost after the request went out (a submit that may have created a
   job: the provider resends it with the same Idempotency-Key);
-- RunPod: worker crashes (``crash_rate``) and throttling bursts (429);
+- RunPod, with RunPod's per-endpoint limits enforced by the double (``/run`` 1,000, ``/status`` 2,000,
+  ``/cancel`` 100 requests per 10 s): worker crashes (``crash_rate``), throttling bursts (429) on every
+  route, 429 storms on ``/status`` and ``/cancel`` (``--storm`` consecutive 429s every 2 s), and stalls
+  (no workers for a few seconds, so queued jobs hit ``queue_timeout`` and are cancelled and rerouted);
 - ComfyUI A: dropped websockets, now and then.
 
-At the end it checks every backend for orphans (anything still queued or running) and counts lost jobs
-(submitted, but no result and no error delivered). Lost and orphaned must be 0.
+At the end it checks every backend for orphans (anything still queued or running), counts lost jobs
+(submitted, but no result and no error delivered) and jobs run twice (each job has its own canvas colour;
+a colour that ComfyUI A and B together executed to success more than once ran twice). Lost, orphaned and
+run twice must be 0.
 """
 
 from __future__ import annotations
@@ -78,7 +83,7 @@ async def _serve_runpod(comfy_url: str, knobs: dict[str, Any]) -> None:
 
     async def counts(_: web.Request) -> web.Response:
         return web.json_response({"in_queue": double.in_queue, "in_progress": double.in_progress,
-                                  "jobs": len(double.job_ids)})
+                                  "jobs": len(double.job_ids), "counters": dict(double.counters)})
 
     control = web.Application()
     control.router.add_post("/soak/knobs", set_knobs)
@@ -164,7 +169,23 @@ def _pct(values: list[float], p: float) -> float:
     return ordered[max(1, int(-(-p * len(ordered) // 100))) - 1] if ordered else float("nan")
 
 
-async def soak(jobs: int, concurrency: int, fault_rate: float, seed: int, runpod_crash: float) -> dict[str, Any]:
+async def _successes_by_colour(http: httpx.AsyncClient, comfy_url: str) -> Counter[int]:
+    """How many times ComfyUI ran each canvas colour to success (its history)."""
+    history = (await http.get(f"{comfy_url}/history")).json()
+    seen: Counter[int] = Counter()
+    for entry in history.values():
+        if (entry.get("status") or {}).get("status_str") != "success":
+            continue
+        prompt = entry.get("prompt") or []
+        graph = prompt[2] if len(prompt) > 2 and isinstance(prompt[2], dict) else {}
+        for node in graph.values():
+            if isinstance(node, dict) and node.get("class_type") == "EmptyImage":
+                seen[int(node.get("inputs", {}).get("color", -1))] += 1
+    return seen
+
+
+async def soak(jobs: int, concurrency: int, fault_rate: float, seed: int, runpod_crash: float,
+               storm: int = 40, stall_every: int = 5) -> dict[str, Any]:
     from gpubridge.models import JobRequest, Workflow
     from gpubridge.providers.modal import ModalRunner
     from gpubridge.providers.runpod import RunPodRunner
@@ -185,11 +206,10 @@ async def soak(jobs: int, concurrency: int, fault_rate: float, seed: int, runpod
         _wait_http(f"{modal_url}/openapi.json")
         rp, info_line = _start([sys.executable, "-m", "bench.soak", "--serve-runpod", url_b,
                                 "--runpod-knobs", json.dumps({"crash_rate": runpod_crash, "seed": seed,
-                                                              "workers": 2})], env=env)
+                                                              "workers": 2, "rate_limits": True})], env=env)
         procs.append(rp)
         info = json.loads(info_line)
 
-        rng = random.Random(seed)
         transport = FlakyTransport(fault_rate, random.Random(seed + 1))
         outcomes: list[JobOutcome] = []
         runner = FailoverRunner(
@@ -198,8 +218,8 @@ async def soak(jobs: int, concurrency: int, fault_rate: float, seed: int, runpod
                 RunPodRunner(info["endpoint_id"], api_key=API_KEY, base_url=info["base_url"], poll_initial=0.02,
                              poll_max=0.25, retry_initial=0.02),
             ],
-            ResilienceConfig(probe_interval_s=None, queue_timeout=20.0, max_attempts=4, backoff_initial_s=0.02,
-                             retry_budget_ratio=0.5, breaker_open_for_s=1.0),
+            ResilienceConfig(probe_interval_s=None, queue_timeout=3.0, max_attempts=4, backoff_initial_s=0.02,
+                             retry_budget_ratio=0.5, breaker_open_for_s=1.0, reap_initial_s=0.2, reap_max_s=2.0),
             on_outcome=outcomes.append,
         )
         workflow = Workflow.load(ROOT / "examples" / "workflows" / "model_free_invert.json")
@@ -207,14 +227,16 @@ async def soak(jobs: int, concurrency: int, fault_rate: float, seed: int, runpod
         errors: Counter[str] = Counter()
         served: Counter[str] = Counter()
         finished = 0
+        colour_of: dict[str, int] = {}
         sem = asyncio.Semaphore(concurrency)
 
         async def one(i: int) -> None:
             nonlocal finished
             async with sem:
-                req = JobRequest(workflow=workflow.with_values({"Canvas.color": rng.randrange(1 << 24),
+                req = JobRequest(workflow=workflow.with_values({"Canvas.color": i,  # one colour per job
                                                                 "Canvas.width": 64, "Canvas.height": 64}),
                                  timeout=120)
+                colour_of[req.request_id] = i
                 t0 = time.perf_counter()
                 try:
                     result = await runner.run(req)
@@ -224,20 +246,48 @@ async def soak(jobs: int, concurrency: int, fault_rate: float, seed: int, runpod
                     errors[type(exc).__name__] += 1
                 finished += 1
 
+        storms = Counter[str]()
+
         async def chaos() -> None:
-            """Drop ComfyUI A's websockets now and then, and throttle RunPod in bursts."""
+            """Drop ComfyUI A's websockets now and then; throttle RunPod in bursts, alternating with 429
+            storms on /status and /cancel; every ``stall_every`` rounds, stall RunPod (no workers) for a
+            two rounds, so its queued jobs pass queue_timeout and are cancelled and rerouted while /cancel may be
+            storming."""
+            knobs = f"{info['control']}/soak/knobs"
             async with httpx.AsyncClient(trust_env=False) as http:
+                n = 0
                 while True:
                     await asyncio.sleep(2.0)
+                    n += 1
                     with contextlib.suppress(httpx.HTTPError):
                         await http.post(f"{url_a}/gpubridge/drop_ws")
-                        await http.post(f"{info['control']}/soak/knobs", json={"throttle": 3})
+                        if n % 2:
+                            await http.post(knobs, json={"throttle": 3, "throttle_routes": None})
+                            storms["burst"] += 1
+                        else:
+                            await http.post(knobs, json={"throttle": storm, "throttle_routes": ["status", "cancel"]})
+                            storms["status_cancel_storm"] += 1
+                        if stall_every and n % stall_every == 0:
+                            await http.post(knobs, json={"workers": 0})
+                            storms["stall"] += 1
+                        elif stall_every and n % stall_every == 2 and n > 2:  # 4 s: past queue_timeout
+                            await http.post(knobs, json={"workers": 2})
 
         chaos_task = asyncio.create_task(chaos())
         t0 = time.perf_counter()
         await asyncio.gather(*(one(i) for i in range(jobs)))
         wall = time.perf_counter() - t0
         chaos_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await chaos_task
+        async with httpx.AsyncClient(trust_env=False, timeout=10) as http:
+            await http.post(f"{info['control']}/soak/knobs", json={"workers": 2, "throttle": 0})
+        # Let the reaper finish what it still has (within RunPod's limits), then close.
+        for _ in range(600):
+            if not runner.unconfirmed_cancels:
+                break
+            await asyncio.sleep(0.1)
+        unconfirmed = len(runner.unconfirmed_cancels)
         await runner.aclose()
 
         # Orphans: anything still queued or running anywhere, once the dust settles.
@@ -252,6 +302,16 @@ async def soak(jobs: int, concurrency: int, fault_rate: float, seed: int, runpod
                 if orphans == 0:
                     break
                 await asyncio.sleep(0.1)
+            runs_a = await _successes_by_colour(http, url_a)
+            runs_b = await _successes_by_colour(http, url_b)
+        runs = runs_a + runs_b
+        twice = [c for c, count in runs.items() if 0 <= c < jobs and count > 1]
+        run_twice = len(twice)
+        twice_where = Counter(f"modal x{runs_a[c]} + runpod x{runs_b[c]}" for c in twice)
+        twice_attempts = [
+            [(a.provider, a.job_id, a.outcome, (a.error or {}).get("type")) for a in o.attempts]
+            for o in outcomes if colour_of.get(o.request_id or "") in set(twice)
+        ][:5]
         lost = jobs - finished
         return {
             "jobs": jobs,
@@ -260,7 +320,14 @@ async def soak(jobs: int, concurrency: int, fault_rate: float, seed: int, runpod
             "failed_by_type": dict(errors),
             "lost": lost + (jobs - len(outcomes)),
             "orphaned": orphans,
-            "unconfirmed_cancels": len(runner.unconfirmed_cancels),
+            "run_twice": run_twice,
+            "run_twice_where": dict(twice_where),
+            "run_twice_attempts": twice_attempts,
+            "unconfirmed_cancels": unconfirmed,
+            "cancel_failures": len(runner.cancel_failures),
+            "chaos": dict(storms),
+            "runpod_requests": {k: rpc.get("counters", {}).get(k, 0) for k in
+                                ("run", "status", "cancel", "throttled", "rate_limited", "cancelled", "crashes")},
             "served_by": dict(served),
             "failovers": runner.counters["failovers"],
             "stuck_rerouted": runner.counters["stuck"],
@@ -296,15 +363,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fault-rate", type=float, default=0.07, help="share of Modal API requests faulted")
     parser.add_argument("--runpod-crash-rate", type=float, default=0.03)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--storm", type=int, default=40, help="consecutive 429s per /status+/cancel storm")
+    parser.add_argument("--stall-every", type=int, default=5, help="stall RunPod every N chaos rounds (0: never)")
     parser.add_argument("--serve-runpod", metavar="COMFY_URL", help=argparse.SUPPRESS)
     parser.add_argument("--runpod-knobs", default="{}", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_runpod:
         asyncio.run(_serve_runpod(args.serve_runpod, json.loads(args.runpod_knobs)))
         return 0
-    report = asyncio.run(soak(args.jobs, args.concurrency, args.fault_rate, args.seed, args.runpod_crash_rate))
+    report = asyncio.run(soak(args.jobs, args.concurrency, args.fault_rate, args.seed, args.runpod_crash_rate,
+                              args.storm, args.stall_every))
     print(json.dumps(report, indent=2))
-    return 0 if report["lost"] == 0 and report["orphaned"] == 0 else 1
+    return 0 if report["lost"] == 0 and report["orphaned"] == 0 and report["run_twice"] == 0 else 1
 
 
 if __name__ == "__main__":

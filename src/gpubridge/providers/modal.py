@@ -136,33 +136,65 @@ def error_from_dict(
 ) -> GpuBridgeError | None:
     """Rebuild the typed error a job API error body describes (``{"type": "JobTimeout", ...}``).
 
-    Returns None when the type is not a gpubridge error. ``retryable`` is taken from the body.
+    Returns None when the type is not a gpubridge error. ``retryable`` is taken from the body. This is the
+    one place an error body is read: a field of the wrong type (``traceback: 5``, ``error: "x"`` for a
+    WorkflowInvalid) gives a ProtocolError (retryable: the backend's fault), never a TypeError.
     """
+    if not isinstance(data, dict):
+        return _unreadable(f"an error that is a {type(data).__name__}, not an object", provider, status_code)
     cls = _ERROR_TYPES.get(str(data.get("type")))
     if cls is None:
         return None
-    message = str(data.get("message") or cls.__name__)
-    job_id = data.get("job_id")
+    try:
+        return _build_error(cls, data, provider=provider, status_code=status_code)
+    except (TypeError, ValueError) as exc:
+        return _unreadable(f"a {cls.__name__} it cannot read ({exc})", provider, status_code)
+
+
+def _unreadable(what: str, provider: str | None, status_code: int | None) -> ProtocolError:
+    return ProtocolError(f"The Modal job API sent {what}"[:300], provider=provider, status_code=status_code,
+                         retryable=True)
+
+
+_NUMBER = (int, float)
+
+
+def _field(data: dict[str, Any], key: str, *types: type) -> Any:
+    """``data[key]`` if it is absent/None or one of ``types`` (bools are not numbers), else TypeError."""
+    value = data.get(key)
+    if value is None or (isinstance(value, types) and not (isinstance(value, bool) and bool not in types)):
+        return value
+    raise TypeError(f"{key} is {type(value).__name__}, not {' or '.join(t.__name__ for t in types)}")
+
+
+def _build_error(cls: type[GpuBridgeError], data: dict[str, Any], *, provider: str | None,
+                 status_code: int | None) -> GpuBridgeError:
+    message = str(_field(data, "message", str) or cls.__name__)
+    job_id = _field(data, "job_id", str)
     exc: GpuBridgeError
     if issubclass(cls, WorkflowInvalid):
-        exc = cls(message, error=data.get("error"), node_errors=data.get("node_errors"))
+        exc = cls(message, error=_field(data, "error", dict), node_errors=_field(data, "node_errors", dict))
     elif issubclass(cls, PayloadTooLarge):
-        exc = cls(message, size=data.get("size"), limit=data.get("limit"))
+        exc = cls(message, size=_field(data, "size", int), limit=_field(data, "limit", int))
     elif issubclass(cls, RateLimited):
-        exc = cls(message, retry_after=data.get("retry_after"), status_code=status_code)
+        exc = cls(message, retry_after=_field(data, "retry_after", *_NUMBER), status_code=status_code)
     elif issubclass(cls, ProviderError):
-        exc = cls(message, status_code=data.get("status_code") or status_code)
+        exc = cls(message, status_code=_field(data, "status_code", int) or status_code)
     elif issubclass(cls, JobTimeout):
-        exc = cls(message, job_id=job_id, state=data.get("state"), cancelled=bool(data.get("cancelled")))
+        exc = cls(message, job_id=job_id, state=_field(data, "state", str), cancelled=bool(data.get("cancelled")))
     elif issubclass(cls, JobFailed):
+        traceback = _field(data, "traceback", str, list)
+        if isinstance(traceback, list) and not all(isinstance(line, str) for line in traceback):
+            raise TypeError("traceback is a list of something other than strings")
+        node_id = _field(data, "node_id", str, int)
         exc = cls(
             message,
             job_id=job_id,
-            node_id=data.get("node_id"),
-            node_type=data.get("node_type"),
-            exception_type=data.get("exception_type"),
-            exception_message=data.get("exception_message"),
-            traceback=data.get("traceback"),
+            node_id=str(node_id) if node_id is not None else None,
+            node_type=_field(data, "node_type", str),
+            exception_type=_field(data, "exception_type", str),
+            exception_message=_field(data, "exception_message", str),
+            traceback=traceback,
         )
     elif issubclass(cls, JobError):
         exc = cls(message, job_id=job_id)
@@ -357,14 +389,14 @@ class ModalRunner(WorkflowRunner):
         return self._envelope(resp, f"job {job_id}")
 
     async def _poll(self, job_id: str, *, wait: float, after: int | None = None) -> _Envelope:
-        """A long-poll that rides out brief outages (connection drops, 5xx), a few times."""
+        """A long-poll that rides out brief outages (connection drops, 5xx, 429), a few times."""
         for delay in (*_RETRY_DELAYS, None):
             try:
                 return await self._get(job_id, wait=wait, after=after)
-            except (ProviderUnavailable, ProtocolError) as exc:
+            except (ProviderUnavailable, ProtocolError, RateLimited) as exc:
                 if delay is None or not exc.retryable:
                     raise
-                await asyncio.sleep(delay)
+                await asyncio.sleep(max(delay, getattr(exc, "retry_after", None) or 0.0))
         raise AssertionError("unreachable")  # pragma: no cover
 
     # ---------------------------------------------------------------------------------------- runner
@@ -378,15 +410,28 @@ class ModalRunner(WorkflowRunner):
         submitted = time.time()
         body = request.model_dump_json()
         headers = {"Content-Type": "application/json", "Idempotency-Key": uuid.uuid4().hex}
+        maybe_created = False  # an earlier try may have created the job: keep asking with the same key
         for delay in (*_RESUBMIT_DELAYS, None):
             try:
                 resp = await self._request("POST", "/v1/jobs", content=body, headers=headers)
+            except (ProviderUnavailable, RateLimited) as exc:
+                maybe_created = maybe_created or exc.job_may_be_running
+                if delay is None or not maybe_created:
+                    exc.job_may_be_running = maybe_created
+                    raise
+                await asyncio.sleep(max(delay, getattr(exc, "retry_after", None) or 0.0))
+                continue
+            try:
+                env = self._envelope(resp, "POST /v1/jobs")
                 break
-            except ProviderUnavailable as exc:
-                if delay is None or not exc.job_may_be_running:
+            except ProtocolError as exc:
+                # The submit was accepted but its answer is unreadable: the job may exist. Ask again with
+                # the same key; the API hands back the job it created instead of starting a second one.
+                maybe_created = True
+                if delay is None:
+                    exc.job_may_be_running = True
                     raise
                 await asyncio.sleep(delay)
-        env = self._envelope(resp, "POST /v1/jobs")
         return JobHandle(
             job_id=env.job_id,
             provider=self.name,

@@ -8,11 +8,14 @@
     HALF_OPEN --(a trial call fails)--> OPEN (the next open period is longer, up to max_open_for_s)
 
 Only provider faults count as failures (see :func:`counts_as_failure`): a workflow that fails validation or
-raises inside a node says nothing about the provider's health.
+raises inside a node says nothing about the provider's health. Outcomes that say nothing about the backend
+at all (the caller cancelled, the workflow is invalid) count neither way (see :func:`says_nothing`): a
+half-open trial that ends so gives its slot back, and neither closes nor re-opens the circuit.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import enum
 import time
@@ -20,9 +23,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import GpuBridgeError, JobFailed, JobTimeout
+from ..errors import GpuBridgeError, JobCancelled, JobFailed, JobTimeout, WorkflowError
 
-__all__ = ["CircuitState", "BreakerConfig", "CircuitBreaker", "counts_as_failure"]
+__all__ = ["CircuitState", "BreakerConfig", "CircuitBreaker", "counts_as_failure", "says_nothing"]
 
 Clock = Callable[[], float]
 
@@ -34,6 +37,12 @@ class CircuitState(str, enum.Enum):
 
     def __str__(self) -> str:
         return self.value
+
+
+def says_nothing(exc: BaseException | None) -> bool:
+    """Outcomes that say nothing about the backend's health: the caller cancelled, or the workflow is
+    invalid (it fails the same everywhere). They count neither as a success nor as a failure."""
+    return isinstance(exc, (JobCancelled, asyncio.CancelledError, WorkflowError))
 
 
 def counts_as_failure(exc: BaseException | None) -> bool:
@@ -154,8 +163,11 @@ class CircuitBreaker:
             self._trials_in_flight -= 1
 
     def record(self, exc: BaseException | None) -> None:
-        """Record a call's outcome: ``None`` for success, else the error (filtered by counts_as_failure)."""
-        if counts_as_failure(exc):
+        """Record a call's outcome: ``None`` for success, else the error (filtered by counts_as_failure;
+        an outcome that :func:`says_nothing` only gives back a reserved half-open trial slot)."""
+        if says_nothing(exc):
+            self.release()
+        elif counts_as_failure(exc):
             self.record_failure()
         else:
             self.record_success()
@@ -194,8 +206,9 @@ class CircuitBreaker:
             self._transition(CircuitState.OPEN)
 
     def record_probe(self, healthy: bool) -> None:
-        """An active health probe's verdict. Unhealthy probes can open the circuit; a healthy probe lets an
-        open circuit try again without waiting out its open period."""
+        """An active health probe's verdict. Unhealthy probes can open the circuit; a healthy probe (only
+        ``healthy``: a degraded one is not fed here) lets an open circuit try again without waiting out
+        its open period."""
         if healthy:
             self._bad_probes = 0
             if self._state is CircuitState.OPEN:

@@ -8,7 +8,13 @@ panic mode when all are open), submits with the time left before the job's deadl
   AuthError never do; nothing is retried past the deadline, or beyond the retry budget;
 - a job still queued after ``queue_timeout`` (the stuck-IN_QUEUE case) is cancelled and resubmitted;
 - an attempt that may still be running is cancelled, and the cancel confirmed, before the next one is
-  submitted; a cancel that cannot be confirmed is retried in the background until it is (no orphans);
+  submitted; only the provider's own terminal answer confirms a cancel (a cancel answered "completed"
+  delivers that result instead of rerouting); a cancel that cannot be confirmed goes to the reaper, which
+  keeps trying (within the provider's rate limits) until the job is terminal or gone (no orphans);
+- a job still queued at ``queue_timeout`` is rerouted only after that; a status check that fails then
+  (429, 5xx) means "may be running": cancel and confirm first;
+- a caller's cancel is a state checked before every attempt (a cancel during a backoff is not lost),
+  and it wakes the backoff;
 - the result is delivered once, names the provider that served it, and lists every attempt.
 
 Stuck jobs are rerouted (cancel, then resubmit) rather than hedged (submit a second copy, cancel the
@@ -33,7 +39,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
-from ..errors import GpuBridgeError, JobCancelled, JobNotFound, JobTimeout
+from ..errors import GpuBridgeError, JobCancelled, JobNotFound, JobTimeout, ProviderError
 from ..models import (
     STATE_EVENTS,
     Attempt,
@@ -73,6 +79,11 @@ class ResilienceConfig(BaseModel):
     probe_timeout_s: float = Field(default=10.0, gt=0)
     cancel_timeout_s: float = Field(default=30.0, gt=0)
     """How long to wait for an attempt's cancel before resubmitting (the reaper keeps trying after)."""
+    reap_for_s: float = Field(default=3600.0, gt=0)
+    """How long the reaper keeps trying to cancel an attempt it could not confirm (RunPod drops a job
+    once its ttl passes); what it still could not cancel then is reported in ``cancel_failures``."""
+    reap_initial_s: float = Field(default=1.0, gt=0)
+    reap_max_s: float = Field(default=30.0, gt=0)
     breaker_window_s: float = 60.0
     breaker_min_calls: int = 10
     breaker_failure_rate: float = 0.5
@@ -117,6 +128,7 @@ class _Supervised:
     current: tuple[str, JobHandle] | None = None
     started: asyncio.Event = field(default_factory=asyncio.Event)
     cancel_requested: bool = False
+    cancel_event: asyncio.Event = field(default_factory=asyncio.Event)
     last_error: BaseException | None = None
     want_events: bool = False
     forwarder: asyncio.Task[None] | None = None
@@ -170,6 +182,9 @@ class FailoverRunner(WorkflowRunner):
         self._max_retained = 10_000
         self._reaper: set[asyncio.Task[None]] = set()
         self.unconfirmed_cancels: dict[tuple[str, str], int] = {}
+        """(provider, job id) -> tries so far, for attempts the reaper is still cancelling."""
+        self.cancel_failures: list[tuple[str, str]] = []
+        """(provider, job id) of attempts the reaper gave up on after ``reap_for_s`` (it may have run)."""
         self.counters = {
             "submitted": 0, "succeeded": 0, "failed": 0, "failovers": 0, "stuck": 0, "panic": 0,
             "unconfirmed_submits": 0,
@@ -223,10 +238,15 @@ class FailoverRunner(WorkflowRunner):
         try:
             handle = await asyncio.shield(sup.accepted)
         except asyncio.CancelledError:
-            sup.cancel_requested = True
+            self._request_cancel(sup)
             sup.task.cancel()
             raise
         return handle
+
+    @staticmethod
+    def _request_cancel(sup: _Supervised) -> None:
+        sup.cancel_requested = True
+        sup.cancel_event.set()
 
     def _remember(self, sup: _Supervised) -> None:
         self._jobs[sup.id] = sup
@@ -243,6 +263,7 @@ class FailoverRunner(WorkflowRunner):
             wait=self._wait(sup),
             retry=retry_if_exception(lambda exc: self._should_retry(sup, exc)),
             before_sleep=lambda state: self._before_next(sup, state),
+            sleep=lambda delay: self._backoff_sleep(sup, delay),
             reraise=True,
         )
         provider: str | None = None
@@ -272,6 +293,14 @@ class FailoverRunner(WorkflowRunner):
         finally:
             if sup.forwarder is not None:
                 sup.forwarder.cancel()
+
+    @staticmethod
+    async def _backoff_sleep(sup: _Supervised, delay: float) -> None:
+        """The backoff between two attempts; a caller's cancel ends it at once."""
+        if delay <= 0 or sup.cancel_requested:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(sup.cancel_event.wait(), delay)
 
     def _stop(self, sup: _Supervised) -> Callable[[RetryCallState], bool]:
         def stop(state: RetryCallState) -> bool:
@@ -322,6 +351,8 @@ class FailoverRunner(WorkflowRunner):
     # ------------------------------------------------------------------------------------------- attempts
 
     async def _attempt(self, sup: _Supervised) -> tuple[str, JobResult]:
+        if sup.cancel_requested:  # checked before every attempt: a cancel during a backoff is not lost
+            raise JobCancelled(f"Job {sup.id or sup.request.request_id} was cancelled", job_id=sup.id or None)
         choice = self.policy.choose(self.breakers, sup.failed)
         name = choice.provider
         assert name is not None
@@ -358,7 +389,7 @@ class FailoverRunner(WorkflowRunner):
                 self.counters["unconfirmed_submits"] += 1
                 log.warning("submit to %s may have been accepted without an answer: %s", name, exc)
             self._close_attempt(sup, attempt, exc)
-            breaker.record(exc if not isinstance(exc, asyncio.CancelledError) else None)
+            breaker.record(exc)  # a caller's cancel says nothing: it only gives back a trial slot
             raise
         attempt.job_id = handle.job_id
         attempt.outcome = "running"
@@ -382,10 +413,23 @@ class FailoverRunner(WorkflowRunner):
             result = await self._follow(sup, runner, handle)
         except BaseException as exc:
             cancelled = isinstance(exc, asyncio.CancelledError)
-            if cancelled or getattr(exc, "job_may_be_running", False) or not isinstance(exc, GpuBridgeError):
-                await self._cancel_attempt(runner, handle)
+            if not getattr(exc, "cancel_handled", False) and (
+                cancelled or getattr(exc, "job_may_be_running", False) or not isinstance(exc, GpuBridgeError)
+                or isinstance(exc, ProviderError)  # 429/5xx/unreadable: not the backend's word on the job
+            ):
+                confirmed = await self._cancel_attempt(runner, handle)
+                if not cancelled and not sup.cancel_requested and confirmed is not None and (
+                    confirmed.state is JobState.SUCCEEDED
+                ):
+                    # It finished before the cancel reached it: deliver that result, run nothing again.
+                    delivered = await self._late_result(sup, runner, handle)
+                    if delivered is not None:
+                        breaker.record_success()
+                        attempt.outcome, attempt.ended_at = "succeeded", time.time()
+                        return name, delivered
             self._close_attempt(sup, attempt, exc)
-            breaker.record(None if cancelled or sup.cancel_requested else exc)
+            caller_cancel = cancelled or sup.cancel_requested or isinstance(exc, JobCancelled)
+            breaker.record(JobCancelled("cancelled by the caller") if caller_cancel else exc)
             if isinstance(exc, GpuBridgeError) and should_fail_over(exc):
                 sup.failed.append(name)
             raise
@@ -407,8 +451,28 @@ class FailoverRunner(WorkflowRunner):
         if attempt.job_id is None and isinstance(exc, GpuBridgeError) and should_fail_over(exc):
             sup.failed.append(attempt.provider)
 
+    async def _late_result(self, sup: _Supervised, runner: WorkflowRunner, handle: JobHandle) -> JobResult | None:
+        """The result of an attempt whose cancel was answered "completed", if it can still be had: a
+        transient error fetching it (429, 5xx) is asked again, a few times, before the deadline."""
+        for attempt in range(1, 6):
+            left = sup.deadline - self._clock()
+            if left <= 0:
+                break
+            try:
+                return await runner.wait(handle, timeout=left)
+            except ProviderError as exc:
+                log.info("result of %s job %s (completed as it was cancelled) not fetched yet: %s",
+                         runner.name, handle.job_id, exc)
+                await asyncio.sleep(min(left, self.backoff.delay(attempt, self._rng, retry_after_of(exc))))
+            except Exception as exc:
+                log.warning("%s job %s completed as it was cancelled, but its result could not be had: %s",
+                            runner.name, handle.job_id, exc)
+                return None
+        return None
+
     async def _follow(self, sup: _Supervised, runner: WorkflowRunner, handle: JobHandle) -> JobResult:
         waiter = asyncio.create_task(runner.wait(handle))
+        rerouting = False
         try:
             due = self.trigger.due_at(self._clock(), sup.deadline)
             while due is not None and not waiter.done():
@@ -416,53 +480,90 @@ class FailoverRunner(WorkflowRunner):
                 done, _ = await asyncio.wait({waiter}, timeout=timeout)
                 if done:
                     break
-                status = await runner.status(handle)
-                if status.state is JobState.QUEUED:
-                    self.counters["stuck"] += 1
-                    raise JobTimeout(
-                        f"Job {handle.job_id} waited {self.config.queue_timeout:g}s in {runner.name}'s queue",
-                        job_id=handle.job_id, provider=runner.name, state="queued", cancelled=False,
-                    )
-                due = None  # it left the queue: wait for it to finish
-            return await waiter
+                due = None
+                try:
+                    status: JobStatus | None = await runner.status(handle)
+                except GpuBridgeError as exc:  # 429/5xx: it may be running; find out by cancelling it
+                    log.info("queue-timeout check of %s job %s failed (%s); cancelling it before rerouting",
+                             runner.name, handle.job_id, exc)
+                    status = None
+                if status is not None and status.state is not JobState.QUEUED:
+                    break  # it left the queue: wait for it to finish
+                rerouting = True
+                confirmed = await self._cancel_attempt(runner, handle)
+                if confirmed is None:
+                    break  # the reaper keeps cancelling; the attempt ends when that lands (or it finishes)
+                if confirmed.state in (JobState.SUCCEEDED, JobState.FAILED):
+                    return await waiter  # it finished first: its own result (or failure) stands
+                raise self._stuck(handle, runner)
+            try:
+                return await waiter
+            except JobCancelled:
+                if rerouting and not sup.cancel_requested:
+                    raise self._stuck(handle, runner) from None  # our own cancel, confirmed: reroute
+                raise
         finally:
             if not waiter.done():
                 waiter.cancel()
                 with contextlib.suppress(BaseException):
                     await waiter
 
-    async def _cancel_attempt(self, runner: WorkflowRunner, handle: JobHandle) -> None:
-        """Cancel an attempt and confirm it, bounded; leave it to the reaper if it cannot be confirmed."""
+    def _stuck(self, handle: JobHandle, runner: WorkflowRunner) -> JobTimeout:
+        """A queued attempt, cancelled and confirmed: reroute it."""
+        self.counters["stuck"] += 1
+        err = JobTimeout(
+            f"Job {handle.job_id} waited {self.config.queue_timeout:g}s in {runner.name}'s queue; cancelled",
+            job_id=handle.job_id, provider=runner.name, state="queued", cancelled=True,
+        )
+        err.cancel_handled = True  # type: ignore[attr-defined]
+        return err
+
+    async def _cancel_attempt(self, runner: WorkflowRunner, handle: JobHandle) -> JobStatus | None:
+        """Cancel an attempt and confirm it, bounded. Confirmed only by the provider's own terminal answer
+        (cancelled, or the end the job reached first), returned; else None, and the reaper takes it."""
         try:
             status = await asyncio.wait_for(runner.cancel(handle), self.config.cancel_timeout_s)
             if status.state.is_terminal:
-                return
+                return status
         except JobNotFound:
-            return
+            return JobStatus(job_id=handle.job_id, provider=runner.name, state=JobState.CANCELLED,
+                             message="the provider no longer has the job")
         except Exception as exc:
             log.warning("cancel of %s job %s failed: %s", runner.name, handle.job_id, exc)
         self._reap(runner, handle)
+        return None
 
     def _reap(self, runner: WorkflowRunner, handle: JobHandle) -> None:
+        """Keep cancelling until the provider says the job is terminal or gone, backing off; the runner's
+        own rate limits pace it. After ``reap_for_s`` give up and report it in ``cancel_failures``."""
         key = (runner.name, handle.job_id)
-        self.unconfirmed_cancels[key] = self.unconfirmed_cancels.get(key, 0)
+        if key in self.unconfirmed_cancels:
+            return
+        self.unconfirmed_cancels[key] = 0
+        give_up = self._clock() + self.config.reap_for_s
 
         async def reap() -> None:
-            delay = 1.0
+            delay = self.config.reap_initial_s
             while key in self.unconfirmed_cancels:
                 try:
-                    status = await runner.cancel(handle)
+                    status = await asyncio.wait_for(runner.cancel(handle), self.config.cancel_timeout_s)
                     if status.state.is_terminal:
                         self.unconfirmed_cancels.pop(key, None)
                         return
                 except JobNotFound:
                     self.unconfirmed_cancels.pop(key, None)
                     return
-                except Exception:
-                    pass
+                except Exception as exc:
+                    log.info("reaper: cancel of %s job %s not confirmed yet: %s", runner.name, handle.job_id, exc)
                 self.unconfirmed_cancels[key] += 1
-                await asyncio.sleep(delay)
-                delay = min(30.0, delay * 2)
+                if self._clock() >= give_up:
+                    self.unconfirmed_cancels.pop(key, None)
+                    self.cancel_failures.append(key)
+                    log.error("reaper: could not cancel %s job %s within %gs; it may have run",
+                              runner.name, handle.job_id, self.config.reap_for_s)
+                    return
+                await asyncio.sleep(delay * (0.5 + self._rng.random() / 2))
+                delay = min(self.config.reap_max_s, delay * 2)
 
         task = asyncio.create_task(reap(), name=f"reap-{handle.job_id[:8]}")
         self._reaper.add(task)
@@ -547,7 +648,7 @@ class FailoverRunner(WorkflowRunner):
             name, inner = self._split(job_id)
             st = await self.runners[name].cancel(inner)
             return st.model_copy(update={"job_id": job_id})
-        sup.cancel_requested = True
+        self._request_cancel(sup)
         if sup.current is not None and not (sup.done and sup.done.done()):
             name, handle = sup.current
             await self._cancel_attempt(self.runners[name], handle)

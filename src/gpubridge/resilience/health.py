@@ -51,8 +51,12 @@ class HealthMonitor:
                 provider=name, state=HealthState.UNHEALTHY, message=f"health check failed: {type(exc).__name__}: {exc}"
             )
         self.last[name] = report
-        if report.state is not HealthState.UNKNOWN:
-            self.breakers[name].record_probe(report.ok)
+        # Only ``healthy`` may half-open an open circuit; ``degraded`` (e.g. a growing queue and no worker)
+        # says neither, and ``unknown`` says nothing.
+        if report.state is HealthState.HEALTHY:
+            self.breakers[name].record_probe(True)
+        elif report.state is HealthState.UNHEALTHY:
+            self.breakers[name].record_probe(False)
         return report
 
     async def probe_all(self) -> dict[str, HealthReport]:

@@ -24,9 +24,17 @@ Knobs (attributes; change them at any time, from any thread):
   job's result is dropped that long after it finished and ``/status`` answers 404. :meth:`expire` drops
   results now. ``policy.ttl`` is honoured the same way; ``policy.executionTimeout`` ends a job TIMED_OUT.
 - ``unhealthy_workers``/``throttled_workers``: reported by ``/health``.
+- ``rate_limits``: RunPod's documented per-endpoint limits, enforced when given (``True`` for
+  :data:`RUNPOD_RATE_LIMITS`: ``/run`` 1,000, ``/status`` 2,000 and ``/cancel`` 100 requests per 10 s, or
+  a ``{route: (requests, seconds)}`` map, e.g. scaled down for a fast test): a sliding window per route,
+  HTTP 429 beyond it (counted in ``counters["rate_limited"]`` and ``counters["rate_limited_<route>"]``).
+- ``lose_worker_next`` (a count): the worker running a job dies mid-job and RunPod puts the job back in
+  the queue (``IN_PROGRESS`` -> ``IN_QUEUE``, ``retries`` + 1); another worker runs it from the start.
 - ``api_key``: when set, requests need ``Authorization: Bearer <key>`` (or the raw key), else 401.
 
 Hooks for tests: ``counters`` (requests per route, throttled, crashes, refreshes, cold_starts, ...),
+``handler_runs`` / ``completions`` (handler starts / COMPLETED jobs per ``input.gpubridge.request_id``, or
+job id: a request that ran twice shows as 2),
 :meth:`wait_for` (await a predicate on the double, re-checked at every change), :meth:`wait_status`,
 :meth:`snapshot`. Use it as ``async with RunPodEndpointDouble(handler) as rp:`` (on the running loop) or
 ``with RunPodEndpointDouble(handler) as rp:`` (its own loop in a background thread).
@@ -51,10 +59,15 @@ from typing import Any
 
 from aiohttp import web
 
-__all__ = ["RunPodEndpointDouble", "WorkerCrashed", "TERMINAL"]
+__all__ = ["RunPodEndpointDouble", "WorkerCrashed", "TERMINAL", "RUNPOD_RATE_LIMITS"]
 
 TERMINAL = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"})
 MB = 1024 * 1024
+RUNPOD_RATE_LIMITS: dict[str, tuple[int, float]] = {
+    "run": (1000, 10.0), "runsync": (2000, 10.0), "status": (2000, 10.0), "stream": (2000, 10.0),
+    "cancel": (100, 10.0), "purge-queue": (2, 10.0),
+}
+"""RunPod's documented per-endpoint request limits: route -> (requests, per seconds)."""
 
 
 class WorkerCrashed(Exception):
@@ -228,6 +241,8 @@ class RunPodEndpointDouble:
         hold: bool = False,
         unhealthy_workers: int = 0,
         throttled_workers: int = 0,
+        rate_limits: bool | dict[str, tuple[int, float]] | None = None,
+        lose_worker_next: int = 0,
         return_aggregate_stream: bool = False,
         run_payload_limit: int = 10 * MB,
         runsync_payload_limit: int = 20 * MB,
@@ -251,6 +266,13 @@ class RunPodEndpointDouble:
         self.sync_retention_s = sync_retention_s
         self.unhealthy_workers = unhealthy_workers
         self.throttled_workers = throttled_workers
+        self.rate_limits: dict[str, tuple[int, float]] | None = (
+            dict(RUNPOD_RATE_LIMITS) if rate_limits is True else (dict(rate_limits) if rate_limits else None)
+        )
+        self.lose_worker_next = lose_worker_next
+        self.handler_runs: collections.Counter[str] = collections.Counter()
+        self.completions: collections.Counter[str] = collections.Counter()
+        self._windows: dict[str, collections.deque[float]] = collections.defaultdict(collections.deque)
         self.return_aggregate_stream = return_aggregate_stream
         self.run_payload_limit = run_payload_limit
         self.runsync_payload_limit = runsync_payload_limit
@@ -545,6 +567,12 @@ class RunPodEndpointDouble:
             if auth not in (f"Bearer {self.api_key}", self.api_key):
                 self.counters["unauthorized"] += 1
                 return _json({"error": "Unauthorized"}, 401)
+        limited = self._over_limit(op)
+        if limited is not None:
+            self.counters["throttled"] += 1
+            self.counters["rate_limited"] += 1
+            self.counters[f"rate_limited_{op}"] += 1
+            return _json({"error": "Too many requests"}, 429, {"Retry-After": f"{limited:.3f}"})
         if self.throttle > 0 and (self.throttle_routes is None or op in self.throttle_routes):
             self.throttle -= 1
             self.counters["throttled"] += 1
@@ -577,6 +605,22 @@ class RunPodEndpointDouble:
         if request.method not in allowed:
             return _json({"error": "method not allowed"}, 405)
         return await (fn(request, job_id) if job_id is not None else fn(request))
+
+    def _over_limit(self, op: str) -> float | None:
+        """RunPod's per-route limit (a sliding window): None if this request is within it, else the
+        seconds until the window has room again."""
+        limits = self.rate_limits
+        if not limits or op not in limits:
+            return None
+        count, per = limits[op]
+        now = time.monotonic()
+        window = self._windows[op]
+        while window and window[0] <= now - per:
+            window.popleft()
+        if len(window) >= count:
+            return max(0.0, window[0] + per - now)
+        window.append(now)
+        return None
 
     async def _read_job(self, request: web.Request, limit: int, sync: bool) -> _Job | web.Response:
         raw = await request.read()
@@ -797,6 +841,10 @@ class RunPodEndpointDouble:
                     ended.cancel()
                 if job.status != "IN_PROGRESS":
                     return
+            if self.lose_worker_next > 0:
+                self.lose_worker_next -= 1
+                self._lose_worker(worker, job)
+                return
             if self.crash_next > 0 or (self.crash_rate > 0 and self._rng.random() < self.crash_rate):
                 if self.crash_next > 0:
                     self.crash_next -= 1
@@ -806,6 +854,22 @@ class RunPodEndpointDouble:
         finally:
             worker.state = "idle"
             self._notify()
+
+    def _lose_worker(self, worker: _Worker, job: _Job) -> None:
+        """The worker died mid-job: RunPod puts the job back in the queue for another worker."""
+        self.counters["workers_lost"] += 1
+        worker.cold = True
+        job.status, job.started, job.delay_ms, job.worker_id, job.progress = "IN_QUEUE", None, None, None, None
+        job.reserved = False
+        job.retries += 1
+        self._queue.appendleft(job.id)
+        self.counters["requeued"] += 1
+        self._notify()
+
+    def _count_run(self, job: _Job, counter: collections.Counter[str] | None = None) -> None:
+        meta = job.input.get("gpubridge") if isinstance(job.input, dict) else None
+        key = meta.get("request_id") if isinstance(meta, dict) and meta.get("request_id") else job.id
+        (self.handler_runs if counter is None else counter)[str(key)] += 1
 
     def _crash(self, worker: _Worker, job: _Job) -> None:
         self.counters["crashes"] += 1
@@ -822,6 +886,7 @@ class RunPodEndpointDouble:
         self.counters["failed"] += 1
 
     async def _run_handler(self, worker: _Worker, job: _Job) -> None:
+        self._count_run(job)
         payload = {"id": job.id, "input": job.input}
         handler = self.handler
         if inspect.isasyncgenfunction(handler) or inspect.isgeneratorfunction(handler):
@@ -871,6 +936,7 @@ class RunPodEndpointDouble:
         else:
             self._end(job, "COMPLETED")
             self.counters["completed"] += 1
+            self._count_run(job, self.completions)
 
     async def _run_generator(self, job: _Job, payload: dict[str, Any]) -> dict[str, Any]:
         handler = self.handler
