@@ -460,8 +460,6 @@ class RemoteJobRequest(BaseModel):
     :meth:`capped` makes a variant with another cap.
     """
 
-    model_config = ConfigDict(title="JobRequest")
-
     workflow: dict[str, WireNode] = Field(min_length=1, description="An API-format graph: node id -> node")
     inputs: dict[WireFileName, WireInput] = Field(default_factory=dict)
     timeout: float | None = Field(

@@ -154,7 +154,9 @@ async def test_the_web_app_needs_the_bearer_token(app_module, monkeypatch):
         assert wrong.status_code == 401 and wrong.json()["error"]["type"] == "AuthError"
         ok = await http.get("/v1/jobs/not-a-call", headers={"Authorization": "Bearer tok-2"})
         assert ok.status_code == 404 and ok.json()["error"]["type"] == "JobNotFound"  # no Modal call made
-        assert (await http.get("/openapi.json")).json()["info"]["title"] == "gpubridge job API"
+        assert (await http.get("/openapi.json")).status_code == 401  # the schema follows the API's auth
+        spec = (await http.get("/openapi.json", headers={"Authorization": "Bearer tok-1"})).json()
+        assert spec["info"]["title"] == "gpubridge job API"
 
 
 def synchronizer_raw(partial):
