@@ -303,7 +303,8 @@ class InProcessBackend(JobBackend):
         if not task.cancelled() and task.exception() is None:
             job.outcome = task.result()
         job.expires_at = self.clock() + self.retention
-        while self._result_total > self.max_result_bytes and self._results:  # the oldest results go first
+        # Over the cap the oldest results go first; the newest stays, whatever its size.
+        while self._result_total > self.max_result_bytes and len(self._results) > 1:
             oldest = next(iter(self._results))
             if oldest not in self.jobs:
                 self._results.pop(oldest)
