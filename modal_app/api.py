@@ -75,6 +75,12 @@ _JOB_ERRORS = {**_E401, **_E404, **_E422, **_E500, **_E503}
 _CANCEL_ERRORS = {**_E401, **_E404, **_E500, **_E503}
 _HEALTH_ERRORS = {**_E401, **_E422, **_E500}
 
+# OpenAPI links: the job a submit answered with can be followed (and cancelled) by its id.
+_JOB_LINKS = {
+    "GetJob": {"operationId": "get_job", "parameters": {"job_id": "$response.body#/job_id"}},
+    "CancelJob": {"operationId": "cancel_job", "parameters": {"job_id": "$response.body#/job_id"}},
+}
+
 _REASONS = {400: "InvalidRequest", 404: "NotFound", 405: "MethodNotAllowed"}
 
 
@@ -278,8 +284,12 @@ def create_app(
         "/v1/jobs",
         status_code=202,
         response_model=JobEnvelope,
-        responses={**_SUBMIT_ERRORS, 200: {"model": JobEnvelope, "description": "The job an earlier submit "
-                                            "with the same Idempotency-Key created"}},
+        responses={
+            **_SUBMIT_ERRORS,
+            200: {"model": JobEnvelope, "description": "The job an earlier submit with this Idempotency-Key "
+                  "created", "links": _JOB_LINKS},
+            202: {"description": "Accepted", "links": _JOB_LINKS},
+        },
         summary="Submit a job",
     )
     async def submit(
@@ -308,6 +318,7 @@ def create_app(
         responses=_JOB_ERRORS,
         dependencies=v1,
         summary="Job status and result (long-poll with ?wait)",
+        operation_id="get_job",
     )
     async def get_job(
         job_id: str,
@@ -328,6 +339,7 @@ def create_app(
         responses=_CANCEL_ERRORS,
         dependencies=v1,
         summary="Cancel a job",
+        operation_id="cancel_job",
     )
     async def cancel_job(job_id: str) -> Response:
         return _json(await backend.cancel(job_id))
@@ -335,7 +347,11 @@ def create_app(
     @app.post(
         "/v1/run",
         response_model=JobEnvelope,
-        responses={**_SUBMIT_ERRORS, 202: {"model": JobEnvelope, "description": "Still running"}},
+        responses={
+            **_SUBMIT_ERRORS,
+            200: {"description": "The job ended", "links": _JOB_LINKS},
+            202: {"model": JobEnvelope, "description": "Still running", "links": _JOB_LINKS},
+        },
         dependencies=v1,
         summary="Submit and wait (bounded)",
     )
