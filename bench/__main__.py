@@ -12,6 +12,7 @@ Sections (``--only`` takes their names):
   rounds, the concurrency where throughput stops growing and why;
 - ``failover``: reaction time from a stuck or crashed job to the rerouted job starting, against its bound;
 - ``shadow``: primary-path latency with shadow traffic at 100 % against without.
+- ``jobapi``: the job API's RSS after 200 jobs of 1 MB outputs against after 20 (bound +30 MB).
 
 Every server (ComfyUI double, Modal job API, RunPod endpoint double) runs in a process of its own, so this
 process's CPU time is the client's. ``--comfy-url`` points ``overhead`` and ``paths`` at a running ComfyUI
@@ -34,7 +35,7 @@ from typing import Any
 
 from bench._harness import Row, quiet_logs, table
 
-SECTIONS = ("overhead", "paths", "peer", "scale", "failover", "shadow")
+SECTIONS = ("overhead", "paths", "peer", "scale", "failover", "shadow", "jobapi")
 
 
 def _section(name: str, quick: bool, comfy_url: str | None) -> tuple[list[Row], Any]:
@@ -62,6 +63,10 @@ def _section(name: str, quick: bool, comfy_url: str | None) -> tuple[list[Row], 
         from bench import shadow
 
         return shadow.run(quick), None
+    if name == "jobapi":
+        from bench import job_api_memory
+
+        return job_api_memory.run(quick), None
     raise ValueError(name)
 
 
