@@ -33,6 +33,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
@@ -44,7 +45,7 @@ from gpubridge.errors import (
     WorkflowFormatError,
     WorkflowInputError,
 )
-from gpubridge.models import MAX_JOB_TIMEOUT, HealthReport, RemoteJobRequest
+from gpubridge.models import MAX_JOB_TIMEOUT, HealthReport, JobRequest, RemoteJobRequest
 
 from .backends import JobBackend
 from .schema import ErrorBody, JobEnvelope, error_dict, error_headers, fingerprint, http_status
@@ -275,6 +276,12 @@ def create_app(
 
     Body = RemoteJobRequest.capped(max_timeout)
 
+    def _job_request(body: RemoteJobRequest) -> JobRequest:
+        try:
+            return body.to_request()
+        except ValidationError as exc:  # the wire model let through what JobRequest refuses: still a 422
+            raise InvalidRequest(f"Invalid job request: {exc}", provider=backend.provider) from None
+
     v1 = [Depends(authorize)]
 
     def _clamp(wait: float, cap: float) -> float:
@@ -308,7 +315,7 @@ def create_app(
     ) -> Response:
         body = request.model_dump(mode="json", exclude={"request_id"})
         env, created = await backend.submit_idempotent(
-            request.to_request(), idempotency_key, scope=scope, fingerprint=fingerprint(body)
+            _job_request(request), idempotency_key, scope=scope, fingerprint=fingerprint(body)
         )
         return _json(env, 202 if created else 200, {"Location": f"/v1/jobs/{env.job_id}"})
 
@@ -362,7 +369,7 @@ def create_app(
             Query(gt=0, allow_inf_nan=False, description=f"Seconds to wait (max {sync_timeout:g})"),
         ] = None,
     ) -> Response:
-        env = await backend.submit(request.to_request())
+        env = await backend.submit(_job_request(request))
         budget = _clamp(timeout if timeout is not None else sync_timeout, sync_timeout)
         if not env.terminal:
             env = await backend.get(env.job_id, wait=budget)
