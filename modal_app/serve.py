@@ -72,7 +72,9 @@ def main(argv: list[str] | None = None) -> None:
         "--max-result-mb", type=_positive, default=2048.0, help="results kept on disk; the oldest go first"
     )
     parser.add_argument("--max-timeout", type=_positive, default=None, help="cap on a job's timeout (s)")
-    parser.add_argument("--public-docs", action="store_true", help="serve /docs and /openapi.json without auth")
+    parser.add_argument(
+        "--public-docs", action="store_true", help="serve /docs and /openapi.json without auth"
+    )
     args = parser.parse_args(argv)
     backend_options: dict[str, Any] = {
         "retention": args.retention,

@@ -352,7 +352,9 @@ class ComfyWorker:
         with contextlib.suppress(Exception):
             await self._end(
                 record,
-                JobCancelled(f"Job {record.job_id} was cancelled", job_id=record.job_id, provider=self.provider),
+                JobCancelled(
+                    f"Job {record.job_id} was cancelled", job_id=record.job_id, provider=self.provider
+                ),
             )
 
     async def _follow(self, cjob: ComfyJob, latest: list[JobRecord]) -> None:
