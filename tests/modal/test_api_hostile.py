@@ -220,7 +220,8 @@ def test_idempotency_keys_belong_to_the_token_and_are_stored_hashed(threaded_com
         b = post(url, {"workflow": WF}, **other)
         assert a.status_code == 202 and b.status_code == 202 and a.json()["job_id"] != b.json()["job_id"]
         # Tokens are for rotation, not tenants: any token reads any job (docs/modal.md).
-        read = httpx.get(f"{url}/v1/jobs/{a.json()['job_id']}", headers={"Authorization": other["Authorization"]})
+        job_url = f"{url}/v1/jobs/{a.json()['job_id']}"
+        read = httpx.get(job_url, headers={"Authorization": f"Bearer {tokens[1]}"})
         assert read.status_code == 200
         stored = json.dumps(backend.store.data)
         assert TOKEN not in stored and tokens[1] not in stored and "shared-key" not in stored
