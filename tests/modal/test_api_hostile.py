@@ -163,6 +163,18 @@ def test_every_error_uses_the_one_envelope(api):
         assert unauth.status_code == 401 and error_of(unauth)["type"] == "AuthError"
 
 
+def test_a_bug_answers_500_in_the_envelope_without_internals(api):
+    url, backend = api
+
+    async def broken(*, deep: bool = False):
+        raise RuntimeError("internal detail /secret/path")
+
+    backend.health = broken
+    resp = httpx.get(url + "/v1/health", headers=AUTH)
+    assert resp.status_code == 500 and error_of(resp)["type"] == "InternalError"
+    assert "secret" not in resp.text
+
+
 def test_openapi_declares_every_status_with_the_error_schema(api):
     url, _ = api
     assert httpx.get(url + "/openapi.json").status_code == 401  # follows the API's auth
