@@ -375,3 +375,33 @@ def test_an_accepted_job_that_times_out_before_it_starts_says_so_in_its_state(ap
     env = resp.json()
     assert env["status"]["state"] == "timed_out" and env["error"]["type"] == "JobTimeout"
     assert httpx.get(f"{url}/v1/jobs/{env['job_id']}", headers=AUTH).json()["status"]["state"] == "timed_out"
+
+
+async def test_the_workers_cleanup_survives_a_second_cancel(comfy):
+    """On Modal the GPU container's task can be cancelled again while it interrupts ComfyUI (issue 21 item
+    8): the job must still be recorded as cancelled, never left "running"."""
+    from gpubridge.comfy import ComfyClient
+    from modal_app.schema import record_key
+    from modal_app.worker import ComfyWorker, MemoryStore
+
+    comfy.faults.hold = {"ImageInvert"}  # ignores the interrupt until released
+    store = MemoryStore()
+    worker = ComfyWorker(ComfyClient(comfy.url, provider="modal"), store, gpu="L40S")
+    try:
+        request = JobRequest(workflow=Workflow.model_validate(WF), timeout=60)
+        task = asyncio.create_task(worker.run("job-twice", request))
+        record = None
+        while record is None or record.state is not JobState.RUNNING:  # the worker follows the prompt
+            await store.wait_changed(record_key("job-twice"), record.version if record else -1, 10)
+            record = await store.record("job-twice")
+        task.cancel()
+        await comfy.wait_until(lambda: comfy.stats.interrupts >= 1)
+        task.cancel()  # a second cancel while the first one's clean-up waits for ComfyUI
+        await asyncio.sleep(0)
+        comfy.faults.hold = set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        record = await store.record("job-twice")
+        assert record is not None and record.state is JobState.CANCELLED
+    finally:
+        await worker.aclose()
