@@ -174,7 +174,10 @@ def test_config_from_env(monkeypatch):
     monkeypatch.setenv("GPUBRIDGE_APP_GPU_SNAPSHOT", "1")
     monkeypatch.setenv("GPUBRIDGE_APP_PRICES", "H200=0.002,custom=0.1")
     monkeypatch.setenv("GPUBRIDGE_APP_API_SECRET", "none")
+    monkeypatch.setenv("GPUBRIDGE_APP_PUBLIC_DOCS", "true")
+    monkeypatch.setenv("GPUBRIDGE_APP_MAX_TIMEOUT", "3600")
     cfg = load_config()
+    assert cfg.public_docs and cfg.max_timeout == 3600
     opts = cfg.gpu_cls_options()
     assert opts["gpu"] == ["H200", "H100"] and opts["min_containers"] == 1
     assert opts["experimental_options"] == {"enable_gpu_snapshot": True}
