@@ -320,7 +320,7 @@ async def test_sync_run_endpoint(api, threaded_comfy):
         env = resp.json()
         assert env["status"]["state"] == "succeeded" and env["error"] is None
         art = env["result"]["artifacts"][0]
-        assert base64.urlsafe_b64decode(art["data"])  # pydantic writes URL-safe base64.startswith(b"\x89PNG")
+        assert base64.urlsafe_b64decode(art["data"]).startswith(b"\x89PNG")  # pydantic writes URL-safe
         threaded_comfy.pause()
         resp = await http.post("/v1/run", params={"timeout": 0.2}, content=body)
         assert resp.status_code == 202 and resp.headers["location"] == f"/v1/jobs/{resp.json()['job_id']}"
