@@ -13,6 +13,7 @@ Sections (``--only`` takes their names):
 - ``failover``: reaction time from a stuck or crashed job to the rerouted job starting, against its bound;
 - ``shadow``: primary-path latency with shadow traffic at 100 % against without.
 - ``url_input``: peak RSS of the job API while a 400 MB URL input is refused (bound +80 MB).
+- ``jobapi``: the job API's RSS after 200 jobs of 1 MB outputs against after 20 (bound +30 MB).
 
 Every server (ComfyUI double, Modal job API, RunPod endpoint double) runs in a process of its own, so this
 process's CPU time is the client's. ``--comfy-url`` points ``overhead`` and ``paths`` at a running ComfyUI
@@ -35,7 +36,7 @@ from typing import Any
 
 from bench._harness import Row, quiet_logs, table
 
-SECTIONS = ("overhead", "paths", "peer", "scale", "failover", "shadow", "url_input")
+SECTIONS = ("overhead", "paths", "peer", "scale", "failover", "shadow", "url_input", "jobapi")
 
 
 def _section(name: str, quick: bool, comfy_url: str | None) -> tuple[list[Row], Any]:
@@ -67,6 +68,10 @@ def _section(name: str, quick: bool, comfy_url: str | None) -> tuple[list[Row], 
         from bench import url_input
 
         return url_input.run(quick), None
+    if name == "jobapi":
+        from bench import job_api_memory
+
+        return job_api_memory.run(quick), None
     raise ValueError(name)
 
 

@@ -7,7 +7,8 @@ The Modal app serves it from ``@modal.asgi_app``; anything else can serve it wit
 
 Endpoints (all under ``/v1`` need ``Authorization: Bearer <token>`` unless auth is left to Modal's proxy):
 
-- ``POST /v1/jobs``: submit a :class:`~gpubridge.models.JobRequest`; 202 with the job's envelope.
+- ``POST /v1/jobs``: submit a :class:`~gpubridge.models.RemoteJobRequest` (a JobRequest as JSON, inputs
+  inline or by URL, never a path on this server); 202 with the job's envelope.
 - ``GET /v1/jobs/{id}?wait=S&after=V``: the envelope; long-polls up to S seconds (capped at
   ``max_wait``) for the job to end, or, with ``after``, for its version to pass V.
 - ``DELETE /v1/jobs/{id}``: cancel (dequeue or interrupt ComfyUI).
@@ -15,43 +16,86 @@ Endpoints (all under ``/v1`` need ``Authorization: Bearer <token>`` unless auth 
   with the job still running otherwise.
 - ``GET /v1/health?deep=1``: 200 when healthy or degraded, 503 otherwise.
 
-OpenAPI at ``/openapi.json`` and ``/docs``.
+OpenAPI at ``/openapi.json`` and ``/docs`` (behind the same auth unless ``public_docs``). Every error,
+FastAPI's and Starlette's own included, answers ``{"error": {"type", "message", "retryable", ...}}``.
 """
 
 # No `from __future__ import annotations`: FastAPI must see the endpoints' annotations, which refer to
 # values local to create_app.
 import contextlib
+import hashlib
 import hmac
 from collections.abc import AsyncIterator, Sequence
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
-from gpubridge.errors import AuthError, GpuBridgeError, PayloadTooLarge, WorkflowFormatError
-from gpubridge.models import HealthReport, JobRequest
+from gpubridge.errors import (
+    AuthError,
+    GpuBridgeError,
+    InvalidRequest,
+    PayloadTooLarge,
+    WorkflowFormatError,
+    WorkflowInputError,
+)
+from gpubridge.models import MAX_JOB_TIMEOUT, HealthReport, JobRequest, RemoteJobRequest
 
 from .backends import JobBackend
-from .schema import ErrorBody, JobEnvelope, error_dict, error_headers, http_status
+from .schema import ErrorBody, JobEnvelope, error_dict, error_headers, fingerprint, http_status
 
 __all__ = ["create_app"]
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"model": ErrorBody, "description": "Missing or invalid credentials (AuthError)"},
-    404: {"model": ErrorBody, "description": "Unknown job (JobNotFound) or expired result (ResultExpired)"},
-    413: {"model": ErrorBody, "description": "Request body too large (PayloadTooLarge)"},
-    422: {"model": ErrorBody, "description": "Invalid workflow or request (WorkflowInvalid, ...)"},
-    429: {"model": ErrorBody, "description": "Too many jobs (RateLimited); see Retry-After"},
-    503: {"model": ErrorBody, "description": "ComfyUI or Modal unavailable (ProviderUnavailable, retryable)"},
+def _err(description: str) -> dict[str, Any]:
+    return {"model": ErrorBody, "description": description}
+
+
+_E400 = {400: _err("A body that could not be read as JSON (InvalidRequest)")}
+_E401 = {401: _err("Missing or invalid credentials (AuthError)")}
+_E404 = {404: _err("Unknown job (JobNotFound) or expired result (ResultExpired)")}
+_E413 = {413: _err("Request body too large (PayloadTooLarge)")}
+_E422 = {
+    422: _err(
+        "Invalid request: body, parameter or header (InvalidRequest, WorkflowFormatError, "
+        "WorkflowInputError, WorkflowInvalid), or an Idempotency-Key reused with another body"
+    )
+}
+_E429 = {429: _err("Too many jobs (RateLimited); see Retry-After")}
+_E500 = {500: _err("A bug in the server (InternalError)")}
+_E502 = {502: _err("ComfyUI answered in a way the server could not understand (ProtocolError)")}
+_E503 = {503: _err("ComfyUI or Modal unavailable (ProviderUnavailable, retryable)")}
+# What each operation can answer besides its success (every one: 401 and 500).
+_SUBMIT_ERRORS = {**_E400, **_E401, **_E413, **_E422, **_E429, **_E500, **_E502, **_E503}
+_JOB_ERRORS = {**_E401, **_E404, **_E422, **_E500, **_E503}
+_CANCEL_ERRORS = {**_E401, **_E404, **_E500, **_E503}
+_HEALTH_ERRORS = {**_E401, **_E422, **_E500}
+
+# OpenAPI links: the job a submit answered with can be followed (and cancelled) by its id.
+_JOB_LINKS = {
+    "GetJob": {"operationId": "get_job", "parameters": {"job_id": "$response.body#/job_id"}},
+    "CancelJob": {"operationId": "cancel_job", "parameters": {"job_id": "$response.body#/job_id"}},
 }
 
+_REASONS = {400: "InvalidRequest", 404: "NotFound", 405: "MethodNotAllowed"}
 
-def _error_response(exc: GpuBridgeError) -> JSONResponse:
+
+def _error_response(exc: GpuBridgeError, status: int | None = None, **headers: str) -> JSONResponse:
     return JSONResponse(
-        status_code=http_status(exc), content={"error": error_dict(exc)}, headers=error_headers(exc)
+        status_code=status or http_status(exc),
+        content={"error": error_dict(exc)},
+        headers={**error_headers(exc), **headers},
     )
+
+
+def _envelope(status: int, type_: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    body = {"type": type_, "message": message, "retryable": False, "job_may_be_running": False}
+    return JSONResponse(status_code=status, content={"error": body}, headers=headers)
 
 
 def _json(model: Any, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -113,13 +157,18 @@ def create_app(
     max_body_bytes: int = 64 * 1024 * 1024,
     max_wait: float = 50.0,
     sync_timeout: float = 110.0,
+    max_timeout: float = MAX_JOB_TIMEOUT,
+    public_docs: bool = False,
     title: str = "gpubridge job API",
 ) -> FastAPI:
     """The job API over ``backend``.
 
-    ``tokens``: accepted bearer tokens (a comma-separated string is split). ``proxy_auth``: Modal's proxy
+    ``tokens``: accepted bearer tokens (a comma-separated string is split). Several tokens exist for
+    rotation: any of them reads and cancels any job (jobs are not scoped to a token); only
+    ``Idempotency-Key``s are, so two callers never share a key by accident. ``proxy_auth``: Modal's proxy
     checks Modal-Key/Modal-Secret before requests arrive, so no token is needed. Without tokens, proxy
-    auth or ``allow_anonymous`` every request is refused (fail closed).
+    auth or ``allow_anonymous`` every request is refused (fail closed). ``/openapi.json`` and ``/docs``
+    take the same auth unless ``public_docs``. ``max_timeout`` caps a job's ``timeout`` (422 above it).
     """
     if isinstance(tokens, str):
         tokens = [t.strip() for t in tokens.split(",")]
@@ -130,10 +179,11 @@ def create_app(
 
     async def authorize(
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
-    ) -> None:
+    ) -> str:
+        """The caller's scope for idempotency keys: a hash of its token (never the token itself)."""
         if not secrets:
             if proxy_auth or allow_anonymous:
-                return
+                return "anonymous"
             raise AuthError(
                 "This server has no API token configured and refuses every request", provider=backend.provider
             )
@@ -145,6 +195,7 @@ def create_app(
             raise AuthError(
                 "Missing or invalid bearer token (Authorization: Bearer <token>)", provider=backend.provider
             )
+        return "token:" + hashlib.sha256(given).hexdigest()
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -156,8 +207,12 @@ def create_app(
     app = FastAPI(
         title=title,
         version="1",
-        description="Run ComfyUI workflows as jobs. Bodies are gpubridge JobRequest JSON (bytes base64).",
+        description="Run ComfyUI workflows as jobs. Bodies are gpubridge JobRequest JSON with inputs inline "
+        "(base64) or by URL. Every error answers {\"error\": {\"type\", \"message\", \"retryable\", ...}}.",
         lifespan=lifespan,
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.backend = backend
 
@@ -167,13 +222,65 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def _invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        parts = []
+        parts, where = [], set()
         for e in exc.errors()[:10]:
-            loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
-            parts.append(f"{loc}: {e.get('msg')}" if loc else str(e.get("msg")))
-        return _error_response(
-            WorkflowFormatError("Invalid job request: " + "; ".join(parts), provider=backend.provider)
-        )
+            loc = [str(x) for x in e.get("loc", ())]
+            if loc[:1] == ["body"] and len(loc) > 1:
+                where.add(loc[1])
+            shown = ".".join(x for x in loc if x != "body")
+            msg = str(e.get("msg"))
+            parts.append(f"{shown}: {msg}" if shown else msg)
+        text = "Invalid request: " + "; ".join(parts)
+        cls: type[GpuBridgeError] = InvalidRequest
+        if where == {"workflow"}:
+            cls = WorkflowFormatError
+        elif where == {"inputs"}:
+            cls = WorkflowInputError
+        return _error_response(cls(text, provider=backend.provider), 422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            headers["Allow"] = _allowed(request)
+            message = f"{request.method} is not allowed here; allowed: {headers['Allow']}"
+        elif exc.status_code == 404:
+            message = f"No route {request.url.path}"
+        else:
+            message = str(exc.detail)
+        return _envelope(exc.status_code, _REASONS.get(exc.status_code, "HTTPError"), message, headers)
+
+    @app.exception_handler(Exception)
+    async def _bug(_request: Request, exc: Exception) -> JSONResponse:
+        # Starlette logs the traceback once this answered; the caller gets the envelope, no internals.
+        return _envelope(500, "InternalError", "The server failed on this request (a bug); see its log")
+
+    def _allowed(request: Request) -> str:
+        """Every method some route takes at this path (Starlette names only the first route's)."""
+        methods: set[str] = set()
+        for route in app.router.routes:
+            match, _ = route.matches({**request.scope, "method": "GET"})
+            if match is not Match.NONE:
+                methods |= set(getattr(route, "methods", None) or ())
+        return ", ".join(sorted(methods))
+
+    docs_auth = [] if public_docs else [Depends(authorize)]
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=docs_auth)
+    async def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False, dependencies=docs_auth)
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{title} - docs")
+
+    Body = RemoteJobRequest.capped(max_timeout)
+
+    def _job_request(body: RemoteJobRequest) -> JobRequest:
+        try:
+            return body.to_request()
+        except ValidationError as exc:  # the wire model let through what JobRequest refuses: still a 422
+            raise InvalidRequest(f"Invalid job request: {exc}", provider=backend.provider) from None
 
     v1 = [Depends(authorize)]
 
@@ -184,43 +291,62 @@ def create_app(
         "/v1/jobs",
         status_code=202,
         response_model=JobEnvelope,
-        responses=_ERRORS,
-        dependencies=v1,
+        responses={
+            **_SUBMIT_ERRORS,
+            200: {"model": JobEnvelope, "description": "The job an earlier submit with this Idempotency-Key "
+                  "created", "links": _JOB_LINKS},
+            202: {"description": "Accepted", "links": _JOB_LINKS},
+        },
         summary="Submit a job",
     )
     async def submit(
-        request: JobRequest,
+        request: Body,  # type: ignore[valid-type]
+        scope: Annotated[str, Depends(authorize)],
         idempotency_key: Annotated[
             str | None,
-            Header(description="Send a submit again with the same key and get the same job back (not a "
-                               "second one): safe retries after a lost answer."),
+            Header(
+                min_length=1,
+                max_length=255,
+                description="Send a submit again with the same key and body and get the same job back (not "
+                "a second one): safe retries after a lost answer. Keys belong to the token that used them; "
+                "the same key with another body is a 422. A key is free again once its job's record expired.",
+            ),
         ] = None,
     ) -> Response:
-        env, created = await backend.submit_idempotent(request, idempotency_key)
+        body = request.model_dump(mode="json", exclude={"request_id"})
+        env, created = await backend.submit_idempotent(
+            _job_request(request), idempotency_key, scope=scope, fingerprint=fingerprint(body)
+        )
         return _json(env, 202 if created else 200, {"Location": f"/v1/jobs/{env.job_id}"})
 
     @app.get(
         "/v1/jobs/{job_id}",
         response_model=JobEnvelope,
-        responses=_ERRORS,
+        responses=_JOB_ERRORS,
         dependencies=v1,
         summary="Job status and result (long-poll with ?wait)",
+        operation_id="get_job",
     )
     async def get_job(
         job_id: str,
         wait: Annotated[
-            float, Query(ge=0, description=f"Seconds to wait for a change (max {max_wait:g})")
+            float,
+            Query(ge=0, allow_inf_nan=False, description=f"Seconds to wait for a change (max {max_wait:g})"),
         ] = 0,
-        after: Annotated[int | None, Query(description="Answer once the job's version passes this")] = None,
+        after: Annotated[
+            int | None,
+            Query(ge=-1, le=2**53, description="Answer once the job's version passes this"),
+        ] = None,
     ) -> Response:
         return _json(await backend.get(job_id, wait=_clamp(wait, max_wait), after=after))
 
     @app.delete(
         "/v1/jobs/{job_id}",
         response_model=JobEnvelope,
-        responses=_ERRORS,
+        responses=_CANCEL_ERRORS,
         dependencies=v1,
         summary="Cancel a job",
+        operation_id="cancel_job",
     )
     async def cancel_job(job_id: str) -> Response:
         return _json(await backend.cancel(job_id))
@@ -228,17 +354,22 @@ def create_app(
     @app.post(
         "/v1/run",
         response_model=JobEnvelope,
-        responses={**_ERRORS, 202: {"model": JobEnvelope}},
+        responses={
+            **_SUBMIT_ERRORS,
+            200: {"description": "The job ended", "links": _JOB_LINKS},
+            202: {"model": JobEnvelope, "description": "Still running", "links": _JOB_LINKS},
+        },
         dependencies=v1,
         summary="Submit and wait (bounded)",
     )
     async def run(
-        request: JobRequest,
+        request: Body,  # type: ignore[valid-type]
         timeout: Annotated[
-            float | None, Query(gt=0, description=f"Seconds to wait (max {sync_timeout:g})")
+            float | None,
+            Query(gt=0, allow_inf_nan=False, description=f"Seconds to wait (max {sync_timeout:g})"),
         ] = None,
     ) -> Response:
-        env = await backend.submit(request)
+        env = await backend.submit(_job_request(request))
         budget = _clamp(timeout if timeout is not None else sync_timeout, sync_timeout)
         if not env.terminal:
             env = await backend.get(env.job_id, wait=budget)
@@ -249,7 +380,7 @@ def create_app(
     @app.get(
         "/v1/health",
         response_model=HealthReport,
-        responses={503: {"model": HealthReport}},
+        responses={**_HEALTH_ERRORS, 503: {"model": HealthReport, "description": "Unhealthy"}},
         dependencies=v1,
         summary="ComfyUI, queue, GPU, version and models",
     )

@@ -144,6 +144,8 @@ class JobAPI:
             max_body_bytes=config.max_body_bytes,
             max_wait=config.max_wait,
             sync_timeout=config.sync_timeout,
+            max_timeout=config.max_timeout,
+            public_docs=config.public_docs,
         )
 
 

@@ -16,15 +16,21 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import json
 import logging
+import shutil
+import tempfile
 import time
 import uuid
+from pathlib import Path
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from gpubridge.errors import (
     GpuBridgeError,
+    InvalidRequest,
     JobCancelled,
+    JobError,
     JobFailed,
     JobNotFound,
     JobTimeout,
@@ -53,37 +59,59 @@ class JobBackend(abc.ABC):
     async def submit(self, request: JobRequest) -> JobEnvelope:
         """Accept a job and return its envelope (state ``queued`` or later)."""
 
-    async def submit_idempotent(self, request: JobRequest, key: str | None) -> tuple[JobEnvelope, bool]:
-        """Submit once per ``key`` (the request's ``Idempotency-Key`` header): a client that lost the answer
-        to a submit can send it again and get the same job back. Returns (envelope, created)."""
+    async def submit_idempotent(
+        self, request: JobRequest, key: str | None, *, scope: str = "", fingerprint: str | None = None
+    ) -> tuple[JobEnvelope, bool]:
+        """Submit once per ``key`` (the request's ``Idempotency-Key`` header) and caller ``scope`` (a hash
+        of its token): a client that lost the answer to a submit sends it again and gets the same job
+        back. ``fingerprint`` (a hash of the body) tells a retry from a different request reusing the key:
+        that is an InvalidRequest (422). Once the key's job is gone (its record expired), the key is free
+        and a new job is created and runs. Returns (envelope, created)."""
         if not key:
             return await self.submit(request), True
+        where = idempotency_key(key, scope)
         locks = self.__dict__.setdefault("_idem_locks", {})
-        lock = locks.setdefault(key, asyncio.Lock())
+        lock = locks.setdefault(where, asyncio.Lock())
         try:
             async with lock:  # one creator per key in this process; put_new settles races across processes
-                existing = await self._idempotent_job(key)
-                if existing is not None:
-                    return existing, False
+                known = await self.store.get(where)
+                if known is not None:
+                    existing = await self._idempotent_job(known, fingerprint)
+                    if existing is not None:
+                        return existing, False
                 env = await self.submit(request)
-                if await self.store.put_new(idempotency_key(key), {"job_id": env.job_id}):
+                entry = {"job_id": env.job_id, "fingerprint": fingerprint}
+                if known is not None:  # the key's job expired: the key now names the new one
+                    await self.store.put(where, entry)
+                    self._keyed(env.job_id, where)
+                    return env, True
+                if await self.store.put_new(where, entry):
+                    self._keyed(env.job_id, where)
                     return env, True
                 with contextlib.suppress(GpuBridgeError):
                     await self.cancel(env.job_id)  # another API container created it first
-                existing = await self._idempotent_job(key)
+                existing = await self._idempotent_job(await self.store.get(where) or entry, fingerprint)
                 return (existing, False) if existing is not None else (env, True)
         finally:
             if not lock.locked():
-                locks.pop(key, None)
+                locks.pop(where, None)
 
-    async def _idempotent_job(self, key: str) -> JobEnvelope | None:
-        known = await self.store.get(idempotency_key(key))
-        if not known:
-            return None
+    async def _idempotent_job(self, known: dict[str, Any], fingerprint: str | None) -> JobEnvelope | None:
+        """The job an idempotency entry names; None once the job is gone. Raises InvalidRequest when the
+        entry was made for another body."""
+        if fingerprint is not None and known.get("fingerprint") not in (None, fingerprint):
+            raise InvalidRequest(
+                "This Idempotency-Key was used with a different request body; send a new key for a new "
+                "request",
+                provider=self.provider,
+            )
         try:
             return await self.get(str(known["job_id"]))
-        except JobNotFound:
+        except JobNotFound:  # ResultExpired included: the job's records are gone
             return None
+
+    def _keyed(self, job_id: str, where: str) -> None:
+        """Note that the idempotency entry ``where`` names ``job_id`` (to prune them together)."""
 
     @abc.abstractmethod
     async def get(self, job_id: str, *, wait: float = 0.0, after: int | None = None) -> JobEnvelope:
@@ -105,19 +133,25 @@ class JobBackend(abc.ABC):
 
 
 class _LocalJob:
-    __slots__ = ("expires_at", "outcome", "task")
+    __slots__ = ("cancelling", "expires_at", "idempotency", "outcome", "result_bytes", "result_path", "task")
 
     def __init__(self, task: asyncio.Task[Outcome]):
         self.task = task
         self.outcome: Outcome | None = None
         self.expires_at: float | None = None
+        self.cancelling = False
+        self.idempotency: str | None = None
+        self.result_path: Path | None = None
+        self.result_bytes = 0
 
 
 class InProcessBackend(JobBackend):
     """Jobs as asyncio tasks on this event loop, against the worker's ComfyUI.
 
     ``retention`` is how long a finished job's result is kept (then ResultExpired), on ``clock``;
-    ``max_active`` bounds running + queued jobs (then RateLimited).
+    ``max_active`` bounds running + queued jobs (then RateLimited). Finished results are not kept in
+    memory: each is written to a file in ``result_dir`` (a temporary folder by default) and read back when
+    asked for; past ``max_result_bytes`` on disk the oldest results expire early.
     """
 
     def __init__(
@@ -127,6 +161,8 @@ class InProcessBackend(JobBackend):
         retention: float = 3600.0,
         max_active: int | None = None,
         cancel_wait: float = 30.0,
+        result_dir: str | Path | None = None,
+        max_result_bytes: int = 2 * 1024**3,
         clock: Callable[[], float] = time.monotonic,
     ):
         self.worker = worker
@@ -136,8 +172,14 @@ class InProcessBackend(JobBackend):
         self.retention = retention
         self.max_active = max_active
         self.cancel_wait = cancel_wait
+        self.max_result_bytes = max_result_bytes
         self.jobs: dict[str, _LocalJob] = {}
         self._expired: dict[str, None] = {}
+        self._starting = 0  # slots reserved by submits still on their way to ComfyUI
+        self._result_dir = Path(result_dir) if result_dir is not None else None
+        self._own_result_dir = result_dir is None
+        self._results: dict[str, None] = {}  # jobs with a result on disk, oldest first
+        self._result_total = 0
 
     @classmethod
     def for_url(
@@ -161,23 +203,52 @@ class InProcessBackend(JobBackend):
         now = self.clock()
         for job_id, job in list(self.jobs.items()):
             if job.expires_at is not None and job.expires_at <= now:
-                del self.jobs[job_id]
-                if isinstance(self.store, MemoryStore):
-                    self.store.data.pop(record_key(job_id), None)
-                self._expired[job_id] = None
+                self._drop(job_id)
         while len(self._expired) > 10_000:  # remember recent expiries only
             del self._expired[next(iter(self._expired))]
+
+    def _drop(self, job_id: str) -> None:
+        """Forget a finished job: its record, its result file and its idempotency entry go together."""
+        job = self.jobs.pop(job_id)
+        if isinstance(self.store, MemoryStore):
+            self.store.data.pop(record_key(job_id), None)
+            if job.idempotency is not None and (self.store.data.get(job.idempotency) or {}).get(
+                "job_id"
+            ) == job_id:
+                self.store.data.pop(job.idempotency, None)
+        if job.result_path is not None:
+            with contextlib.suppress(OSError):
+                job.result_path.unlink()
+            self._results.pop(job_id, None)
+            self._result_total -= job.result_bytes
+        job.outcome = None
+        self._expired[job_id] = None
+
+    def _keyed(self, job_id: str, where: str) -> None:
+        job = self.jobs.get(job_id)
+        if job is not None:
+            job.idempotency = where
+
+    def _active(self) -> int:
+        return self._starting + sum(1 for j in self.jobs.values() if not j.task.done())
 
     async def submit(self, request: JobRequest) -> JobEnvelope:
         self._prune()
         if self.max_active is not None:
-            active = sum(1 for j in self.jobs.values() if not j.task.done())
+            active = self._active()
             if active >= self.max_active:
                 raise RateLimited(
                     f"{active} jobs are queued or running (limit {self.max_active}); retry later",
                     provider=self.provider,
                     retry_after=5.0,
                 )
+        self._starting += 1  # the slot is taken now, before the first await, so concurrent submits see it
+        try:
+            return await self._submit(request)
+        finally:
+            self._starting -= 1
+
+    async def _submit(self, request: JobRequest) -> JobEnvelope:
         job_id = f"job-{uuid.uuid4().hex}"
         submitted = time.time()
         timeout = request.timeout or self.worker.default_timeout
@@ -191,20 +262,54 @@ class InProcessBackend(JobBackend):
         await self.store.save(record)
         try:
             cjob, record = await self.worker.start(job_id, request, submitted_at=submitted)
+        except JobError as exc:
+            # Accepted, then ended before ComfyUI ran it (its deadline passed on the way): the job's state
+            # says so, not the submit's status.
+            outcome = await self.worker._end(await self.store.record(job_id) or record, exc)
+            task = asyncio.create_task(_settled(outcome), name=f"job-{job_id[:12]}")
         except BaseException:
             if isinstance(self.store, MemoryStore):
                 await self.store.delete(record_key(job_id))
             raise
-        task = asyncio.create_task(self.worker.finish(cjob, record, request), name=f"job-{job_id[:12]}")
+        else:
+            task = asyncio.create_task(self._run(job_id, cjob, record, request), name=f"job-{job_id[:12]}")
         job = _LocalJob(task)
         self.jobs[job_id] = job
         task.add_done_callback(lambda t, j=job: self._done(j, t))
         return await self._envelope(job_id)
 
+    async def _run(self, job_id: str, cjob: Any, record: JobRecord, request: JobRequest) -> Outcome:
+        outcome = await self.worker.finish(cjob, record, request)
+        result = outcome.get("result")
+        if result is not None:  # keep the result on disk, not in memory, until it is asked for
+            path = await asyncio.to_thread(self._write_result, job_id, result)
+            job = self.jobs.get(job_id)
+            if job is not None:
+                job.result_path, job.result_bytes = path, path.stat().st_size
+                self._results[job_id] = None
+                self._result_total += job.result_bytes
+            outcome = {**outcome, "result": None, "result_file": str(path)}
+        return outcome
+
+    def _write_result(self, job_id: str, result: dict[str, Any]) -> Path:
+        if self._result_dir is None:
+            self._result_dir = Path(tempfile.mkdtemp(prefix="gpubridge-results-"))
+        self._result_dir.mkdir(parents=True, exist_ok=True)
+        path = self._result_dir / f"{job_id}.json"
+        path.write_text(json.dumps(result, separators=(",", ":")), encoding="utf-8")
+        return path
+
     def _done(self, job: _LocalJob, task: asyncio.Task[Outcome]) -> None:
         if not task.cancelled() and task.exception() is None:
             job.outcome = task.result()
         job.expires_at = self.clock() + self.retention
+        # Over the cap the oldest results go first; the newest stays, whatever its size.
+        while self._result_total > self.max_result_bytes and len(self._results) > 1:
+            oldest = next(iter(self._results))
+            if oldest not in self.jobs:
+                self._results.pop(oldest)
+                continue
+            self._drop(oldest)
 
     async def _record(self, job_id: str) -> JobRecord:
         self._prune()
@@ -224,9 +329,14 @@ class InProcessBackend(JobBackend):
         if record.state is JobState.SUCCEEDED:
             if not job.task.done():  # the record says done a moment before the task returns
                 await asyncio.wait({job.task})
-            outcome = job.outcome or (job.task.result() if not job.task.cancelled() else None)
-            if outcome and outcome.get("result"):
-                result = JobResult.model_validate(outcome["result"])
+            if job.result_path is not None:
+                try:
+                    raw = await asyncio.to_thread(job.result_path.read_bytes)
+                except OSError:  # dropped while we waited (cap or retention)
+                    raise ResultExpired(
+                        f"Job {job_id} finished and its result expired", job_id=job_id, provider=self.provider
+                    ) from None
+                result = JobResult.model_validate_json(raw)
         return JobEnvelope.of(record, self.provider, result)
 
     async def get(self, job_id: str, *, wait: float = 0.0, after: int | None = None) -> JobEnvelope:
@@ -246,9 +356,12 @@ class InProcessBackend(JobBackend):
         await self._record(job_id)
         job = self.jobs[job_id]
         if not job.task.done():
-            job.task.cancel()
-            # The worker interrupts ComfyUI and records the cancellation before the task ends.
-            await asyncio.wait({job.task}, timeout=self.cancel_wait)
+            # The task is cancelled once: a second DELETE waits for the same cancellation instead of
+            # cancelling the worker's clean-up (which interrupts ComfyUI and records the job as cancelled).
+            if not job.cancelling:
+                job.cancelling = True
+                job.task.cancel()
+            await asyncio.wait({job.task}, timeout=self.cancel_wait)  # never cancels the task itself
         return await self._envelope(job_id)
 
     async def health(self, *, deep: bool = False) -> HealthReport:
@@ -261,6 +374,12 @@ class InProcessBackend(JobBackend):
         if tasks:
             await asyncio.wait(tasks, timeout=self.cancel_wait)
         await self.worker.aclose()
+        if self._own_result_dir and self._result_dir is not None:
+            shutil.rmtree(self._result_dir, ignore_errors=True)
+
+
+async def _settled(outcome: Outcome) -> Outcome:
+    return outcome
 
 
 # ------------------------------------------------------------------------------------------------ Modal

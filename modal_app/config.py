@@ -99,6 +99,10 @@ class AppConfig(BaseSettings):
     """Also require Modal proxy auth (Modal-Key/Modal-Secret headers) on the web endpoint."""
     allow_anonymous: bool = False
     """Serve without any auth (only for private testing)."""
+    public_docs: bool = False
+    """Serve ``/openapi.json`` and ``/docs`` without auth (by default they take the API's auth)."""
+    max_timeout: float = Field(default=24 * 3600.0, ge=1, le=7 * 24 * 3600.0)
+    """The longest ``timeout`` a job may ask for (seconds; a longer one is a 422)."""
 
     # -- the web API
     api_min_containers: int = Field(default=0, ge=0)

@@ -13,6 +13,8 @@ code and ``{"error": {"type": <error class name>, "message", "retryable", ...}}`
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from typing import Any
 
@@ -22,6 +24,7 @@ from gpubridge.errors import (
     AuthError,
     ConfigError,
     GpuBridgeError,
+    InvalidRequest,
     JobError,
     JobNotFound,
     JobTimeout,
@@ -36,6 +39,7 @@ from gpubridge.models import JobResult, JobState, JobStatus, Progress
 __all__ = [
     "HEALTH_KEY",
     "ErrorBody",
+    "ErrorDetail",
     "JobEnvelope",
     "JobRecord",
     "error_dict",
@@ -51,9 +55,19 @@ def record_key(job_id: str) -> str:
     return f"job:{job_id}"
 
 
-def idempotency_key(key: str) -> str:
-    """Where the job created for an ``Idempotency-Key`` request header is remembered."""
-    return f"idem:{key}"
+def idempotency_key(key: str, scope: str = "") -> str:
+    """Where the job created for an ``Idempotency-Key`` request header is remembered: per ``scope`` (a
+    hash of the caller's token, never the token), the key itself hashed so any header fits the store."""
+    return f"idem:{_digest(scope)[:32]}:{_digest(key)}"
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def fingerprint(body: Any) -> str:
+    """A hash of a request body in canonical JSON (sorted keys), to tell a retry from a different request."""
+    return _digest(json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True))
 
 
 class JobRecord(BaseModel):
@@ -124,10 +138,21 @@ class JobEnvelope(BaseModel):
         return self.status.state.is_terminal
 
 
-class ErrorBody(BaseModel):
-    """The body of every error response."""
+class ErrorDetail(BaseModel):
+    """What went wrong: the gpubridge error type, a message, and whether the same request may succeed
+    later; type-specific fields (``retry_after``, ``job_id``, ``node_errors``, ...) ride along."""
 
-    error: dict[str, Any]
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+    message: str
+    retryable: bool
+
+
+class ErrorBody(BaseModel):
+    """The body of every error response: ``{"error": {"type", "message", "retryable", ...}}``."""
+
+    error: ErrorDetail
 
 
 def http_status(exc: GpuBridgeError) -> int:
@@ -138,7 +163,7 @@ def http_status(exc: GpuBridgeError) -> int:
         return 404
     if isinstance(exc, PayloadTooLarge):
         return 413
-    if isinstance(exc, WorkflowError):
+    if isinstance(exc, (WorkflowError, InvalidRequest)):
         return 422
     if isinstance(exc, RateLimited):
         return 429

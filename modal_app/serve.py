@@ -9,6 +9,7 @@ The API is the one the Modal deployment serves; only the backend differs.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from typing import Any
 
@@ -24,14 +25,24 @@ def build_app(
     allow_anonymous: bool = False,
     gpu: str | None = None,
     default_timeout: float = 600.0,
+    backend_options: dict[str, Any] | None = None,
     **api_options: Any,
 ) -> Any:
-    """The API over an in-process backend for the ComfyUI at ``comfy_url``."""
+    """The API over an in-process backend for the ComfyUI at ``comfy_url``. ``backend_options`` go to
+    :class:`InProcessBackend` (``retention``, ``max_active``, ``result_dir``, ``max_result_bytes``)."""
     backend = InProcessBackend.for_url(
         comfy_url,
         worker_options={"gpu": gpu, "prices": DEFAULT_PRICES, "default_timeout": default_timeout},
+        **(backend_options or {}),
     )
     return create_app(backend, tokens=token, allow_anonymous=allow_anonymous, **api_options)
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -48,8 +59,40 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--allow-anonymous", action="store_true", help="serve without auth (loopback only!)")
     parser.add_argument("--gpu", default=None, help="GPU type for cost estimates, e.g. L40S")
+    parser.add_argument(
+        "--retention", type=_positive, default=3600.0, help="seconds a finished job's result is kept"
+    )
+    parser.add_argument(
+        "--max-active", type=int, default=None, help="queued + running jobs at once (then 429)"
+    )
+    parser.add_argument(
+        "--result-dir", default=None, help="where finished results wait to be fetched (default: a temp dir)"
+    )
+    parser.add_argument(
+        "--max-result-mb", type=_positive, default=2048.0, help="results kept on disk; the oldest go first"
+    )
+    parser.add_argument("--max-timeout", type=_positive, default=None, help="cap on a job's timeout (s)")
+    parser.add_argument(
+        "--public-docs", action="store_true", help="serve /docs and /openapi.json without auth"
+    )
     args = parser.parse_args(argv)
-    app = build_app(args.comfy_url, token=args.token, allow_anonymous=args.allow_anonymous, gpu=args.gpu)
+    backend_options: dict[str, Any] = {
+        "retention": args.retention,
+        "max_active": args.max_active,
+        "result_dir": args.result_dir,
+        "max_result_bytes": int(args.max_result_mb * 1024 * 1024),
+    }
+    extra: dict[str, Any] = {"public_docs": args.public_docs}
+    if args.max_timeout is not None:
+        extra["max_timeout"] = args.max_timeout
+    app = build_app(
+        args.comfy_url,
+        token=args.token,
+        allow_anonymous=args.allow_anonymous,
+        gpu=args.gpu,
+        backend_options=backend_options,
+        **extra,
+    )
     uvicorn.run(app, host=args.host, port=args.port)
 
 

@@ -200,15 +200,24 @@ class ComfyWorker:
         return True
 
     async def require_alive(self) -> None:
-        """Raise a retryable ProviderUnavailable (and stop taking inputs) when ComfyUI is dead."""
+        """Raise a retryable ProviderUnavailable while ComfyUI is down.
+
+        With ``on_dead`` (on Modal: the container stops taking inputs) the first failed check is final:
+        the worker is dead for good and Modal routes jobs to other containers. Without it (the job API
+        serving a ComfyUI of its own, ``python -m modal_app.serve``) every check asks again, so jobs are
+        refused while ComfyUI is down and taken again once it answers.
+        """
         if not self.dead and await self.alive():
             return
+        if self.on_dead is None:
+            raise ProviderUnavailable(
+                f"ComfyUI at {self.client.url} is not answering; retry later", provider=self.provider
+            )
         if not self.dead:
             self.dead = True
             log.error("ComfyUI at %s is dead; this worker stops taking jobs", self.client.url)
-            if self.on_dead is not None:
-                with contextlib.suppress(Exception):
-                    await self.on_dead()
+            with contextlib.suppress(Exception):
+                await self.on_dead()
             with contextlib.suppress(Exception):
                 await self.store.put(HEALTH_KEY, (await self.health()).model_dump(mode="json"))
         raise ProviderUnavailable(
@@ -309,17 +318,12 @@ class ComfyWorker:
                     await watcher
                 record = latest[0]
         except asyncio.CancelledError:
-            with contextlib.suppress(Exception):
-                await asyncio.shield(self.client.cancel(cjob))
-            with contextlib.suppress(Exception):
-                await asyncio.shield(
-                    self._end(
-                        record,
-                        JobCancelled(
-                            f"Job {record.job_id} was cancelled", job_id=record.job_id, provider=self.provider
-                        ),
-                    )
-                )
+            # Interrupt ComfyUI and record the cancellation in one task that a second cancel (a retried
+            # DELETE, Modal cancelling again) cannot break off: the job always ends in a terminal state.
+            cleanup = asyncio.ensure_future(self._cancelled(cjob, record))
+            while not cleanup.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.shield(cleanup)
             raise
         except GpuBridgeError as exc:
             if isinstance(exc, ProviderUnavailable):
@@ -341,6 +345,17 @@ class ComfyWorker:
         finally:
             self.client.forget(cjob.prompt_id)
         return await self._succeed(record, result, request)
+
+    async def _cancelled(self, cjob: ComfyJob, record: JobRecord) -> None:
+        with contextlib.suppress(Exception):
+            await self.client.cancel(cjob)
+        with contextlib.suppress(Exception):
+            await self._end(
+                record,
+                JobCancelled(
+                    f"Job {record.job_id} was cancelled", job_id=record.job_id, provider=self.provider
+                ),
+            )
 
     async def _follow(self, cjob: ComfyJob, latest: list[JobRecord]) -> None:
         """Mirror the ComfyUI job's progress into the store (throttled to ``progress_interval``);

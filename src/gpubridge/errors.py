@@ -14,6 +14,7 @@ the original has been cancelled::
     │   └── WorkflowInvalid          ComfyUI-style validation failed; carries node_errors
     ├── PayloadTooLarge              request over the backend's size limit
     ├── AuthError                    credentials missing or rejected (401/403)
+    ├── InvalidRequest               a malformed API request (bad JSON, parameter, header)  not retryable
     ├── ProviderError                the backend could not be reached or misbehaved       retryable
     │   ├── ProviderUnavailable      connection refused/reset, 5xx, health red, worker crashed
     │   ├── RateLimited              429 / throttled; carries retry_after
@@ -47,6 +48,7 @@ __all__ = [
     "NodeError",
     "PayloadTooLarge",
     "AuthError",
+    "InvalidRequest",
     "ProviderError",
     "ProviderUnavailable",
     "RateLimited",
@@ -240,6 +242,11 @@ class PayloadTooLarge(GpuBridgeError):
 
 class AuthError(GpuBridgeError):
     """Credentials are missing or were rejected. Not retryable: the same key fails everywhere it is used."""
+
+
+class InvalidRequest(GpuBridgeError):
+    """An HTTP request to a gpubridge API was malformed: bad JSON, a bad parameter or header, a method the
+    route does not take, or an ``Idempotency-Key`` reused with a different body. Not retryable as sent."""
 
 
 class ProviderError(GpuBridgeError):

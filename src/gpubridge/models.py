@@ -17,10 +17,20 @@ import time
 import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import filetype
-from pydantic import BaseModel, ConfigDict, Field, RootModel, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    RootModel,
+    StringConstraints,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from .errors import WorkflowFormatError, WorkflowInputError
 
@@ -28,6 +38,7 @@ __all__ = [
     "Workflow",
     "InputFile",
     "JobRequest",
+    "RemoteJobRequest",
     "JobHandle",
     "JobState",
     "Progress",
@@ -364,6 +375,139 @@ class JobRequest(BaseModel):
         for name, f in self.inputs.items():
             size += len(name) + (len(f.data) * 4 // 3 + 4 if f.data is not None else len(f.url or ""))
         return size
+
+
+# ------------------------------------------------------------------------------------ the wire request
+
+MAX_JOB_TIMEOUT = 24 * 3600.0
+"""The longest ``timeout``/``queue_timeout`` a remote request may ask for, by default (seconds)."""
+MIN_JOB_TIMEOUT = 1.0
+"""The shortest: below a second no job can be queued, uploaded and started."""
+
+_URL_PATTERN = r"^[hH][tT][tT][pP][sS]?://[^\s\x00-\x1f\x7f]+$"
+_NAME_PATTERN = r"^[^/\\\x00-\x1f\x7f]*[^/\\\x00-\x1f\x7f.][^/\\\x00-\x1f\x7f]*$"
+
+WireFileName = Annotated[str, StringConstraints(min_length=1, max_length=255, pattern=_NAME_PATTERN)]
+"""A plain file name: no slash, backslash or control character, not only dots."""
+
+
+class WireNode(BaseModel):
+    """One node of an API-format graph: ``{"class_type": ..., "inputs": {...}}`` (other keys kept)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    class_type: str = Field(min_length=1)
+    inputs: dict[str, Any]
+
+
+class WireInput(BaseModel):
+    """An input file sent inline (``data``: base64 or a base64 data URI) or by ``url`` (http/https),
+    exactly one of the two. Never a path: a remote server reads no file of its own for a caller."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "oneOf": [
+                {"required": ["data"], "properties": {"data": {"type": "string"}, "url": {"type": "null"}}},
+                {"required": ["url"], "properties": {"url": {"type": "string"}, "data": {"type": "null"}}},
+            ]
+        }
+    )
+
+    data: str | None = Field(default=None, min_length=1, description="base64, or data:<mime>;base64,...")
+    url: str | None = Field(default=None, max_length=8192, pattern=_URL_PATTERN)
+    mime_type: str | None = Field(default=None, max_length=255)
+
+    _decoded: tuple[bytes, str | None] | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> WireInput:
+        if (self.data is None) == (self.url is None):
+            raise ValueError("an input needs exactly one of data (base64 or data URI) or url")
+        if self.url is not None:
+            import httpx  # the client's URL parser: what it refuses, no fetch could use
+
+            try:
+                parsed = httpx.URL(self.url)
+            except (httpx.InvalidURL, ValueError) as exc:
+                raise ValueError(f"invalid url: {exc}") from None
+            if parsed.scheme not in ("http", "https") or not parsed.host:
+                raise ValueError("url must be an absolute http(s) URL with a host")
+        else:
+            text = (self.data or "").strip()
+            try:
+                if text.startswith("data:"):
+                    self._decoded = _decode_data_uri(text)
+                else:  # standard or URL-safe alphabet (pydantic writes bytes as URL-safe base64)
+                    text = text.replace("-", "+").replace("_", "/")
+                    self._decoded = base64.b64decode(text + "=" * (-len(text) % 4), validate=True), None
+            except (WorkflowInputError, binascii.Error, ValueError) as exc:
+                raise ValueError(f"data is not valid base64: {exc}") from None
+        return self
+
+    def to_input(self) -> InputFile:
+        if self.url is not None or self._decoded is None:
+            return InputFile(url=self.url, mime_type=self.mime_type)
+        data, mime = self._decoded
+        return InputFile(data=data, mime_type=self.mime_type or mime or _sniff_mime(data))
+
+
+class RemoteJobRequest(BaseModel):
+    """The job request a remote API accepts (the job API's body): a :class:`JobRequest` whose workflow is a
+    JSON object of nodes and whose inputs are inline data or URLs, never paths (paths are a convenience of
+    the local library, resolved on the caller's side before sending). Convert with :meth:`to_request`.
+
+    A :class:`JobRequest` serialised as JSON (``model_dump_json()``) validates as one of these.
+    ``timeout``/``queue_timeout`` lie in [:data:`MIN_JOB_TIMEOUT`, :data:`MAX_JOB_TIMEOUT`];
+    :meth:`capped` makes a variant with another cap.
+    """
+
+    workflow: dict[str, WireNode] = Field(min_length=1, description="An API-format graph: node id -> node")
+    inputs: dict[WireFileName, WireInput] = Field(default_factory=dict)
+    timeout: float | None = Field(
+        default=None, ge=MIN_JOB_TIMEOUT, le=MAX_JOB_TIMEOUT, allow_inf_nan=False,
+        description="The job's deadline in seconds from submission, queue time included",
+    )
+    queue_timeout: float | None = Field(
+        default=None, ge=MIN_JOB_TIMEOUT, le=MAX_JOB_TIMEOUT, allow_inf_nan=False
+    )
+    idempotency_key: str | None = Field(default=None, max_length=255)
+    tags: dict[str, str] = Field(default_factory=dict)
+    request_id: str = Field(default_factory=new_request_id, min_length=1, max_length=255)
+
+    @field_validator("workflow", mode="before")
+    @classmethod
+    def _not_ui_format(cls, v: Any) -> Any:
+        if isinstance(v, Mapping) and _looks_like_ui_format(v):
+            raise ValueError(
+                "a UI-format workflow (it has 'nodes' and 'links'); send the API format (in ComfyUI: "
+                "Workflow > Export (API))"
+            )
+        return v
+
+    @classmethod
+    def capped(cls, max_timeout: float) -> type[RemoteJobRequest]:
+        """This model with ``timeout``/``queue_timeout`` capped at ``max_timeout`` seconds."""
+        if max_timeout == MAX_JOB_TIMEOUT:
+            return cls
+        limit = Annotated[
+            float | None, Field(ge=MIN_JOB_TIMEOUT, le=max_timeout, allow_inf_nan=False)
+        ]
+        return create_model(  # type: ignore[no-any-return]
+            cls.__name__, __base__=cls, timeout=(limit, None), queue_timeout=(limit, None)
+        )
+
+    def to_request(self) -> JobRequest:
+        """The :class:`JobRequest` this describes (inputs decoded; raises WorkflowError when they are bad)."""
+        nodes = {node_id: node.model_dump() for node_id, node in self.workflow.items()}
+        return JobRequest(
+            workflow=Workflow.model_validate(nodes),
+            inputs={name: f.to_input() for name, f in self.inputs.items()},
+            timeout=self.timeout,
+            queue_timeout=self.queue_timeout,
+            idempotency_key=self.idempotency_key,
+            tags=self.tags,
+            request_id=self.request_id,
+        )
 
 
 # ---------------------------------------------------------------------------------------- handle/status

@@ -154,7 +154,9 @@ async def test_the_web_app_needs_the_bearer_token(app_module, monkeypatch):
         assert wrong.status_code == 401 and wrong.json()["error"]["type"] == "AuthError"
         ok = await http.get("/v1/jobs/not-a-call", headers={"Authorization": "Bearer tok-2"})
         assert ok.status_code == 404 and ok.json()["error"]["type"] == "JobNotFound"  # no Modal call made
-        assert (await http.get("/openapi.json")).json()["info"]["title"] == "gpubridge job API"
+        assert (await http.get("/openapi.json")).status_code == 401  # the schema follows the API's auth
+        spec = (await http.get("/openapi.json", headers={"Authorization": "Bearer tok-1"})).json()
+        assert spec["info"]["title"] == "gpubridge job API"
 
 
 def synchronizer_raw(partial):
@@ -172,7 +174,10 @@ def test_config_from_env(monkeypatch):
     monkeypatch.setenv("GPUBRIDGE_APP_GPU_SNAPSHOT", "1")
     monkeypatch.setenv("GPUBRIDGE_APP_PRICES", "H200=0.002,custom=0.1")
     monkeypatch.setenv("GPUBRIDGE_APP_API_SECRET", "none")
+    monkeypatch.setenv("GPUBRIDGE_APP_PUBLIC_DOCS", "true")
+    monkeypatch.setenv("GPUBRIDGE_APP_MAX_TIMEOUT", "3600")
     cfg = load_config()
+    assert cfg.public_docs and cfg.max_timeout == 3600
     opts = cfg.gpu_cls_options()
     assert opts["gpu"] == ["H200", "H100"] and opts["min_containers"] == 1
     assert opts["experimental_options"] == {"enable_gpu_snapshot": True}
