@@ -6,7 +6,7 @@
 - ``ComfyUI`` (GPU, fallback list): starts ComfyUI in ``@modal.enter(snap=True)`` (CPU, captured by the
   memory snapshot), moves it to the GPU after restore, and runs one job per input (``run``), reporting
   state and progress in a ``modal.Dict``.
-- ``JobAPI`` (CPU): serves :func:`modal_app.api.create_app` from ``@modal.asgi_app``; it spawns
+- ``JobAPI`` (CPU): serves :func:`gpubridge.server.create_app` from ``@modal.asgi_app``; it spawns
   ``ComfyUI.run`` and follows the calls, so status polls never wake a GPU.
 
 Importing this module does no network I/O: Modal objects are lazy until deployed or called.
@@ -99,7 +99,7 @@ class ComfyUI:
     @modal.method()
     async def health(self) -> dict[str, Any]:
         """This container's health report (also stored as the latest heartbeat)."""
-        from modal_app.schema import HEALTH_KEY
+        from gpubridge.server.schema import HEALTH_KEY
 
         worker = await self.worker()
         report = (await worker.health()).model_dump(mode="json")
@@ -122,7 +122,7 @@ class JobAPI:
 
     @modal.asgi_app(requires_proxy_auth=config.proxy_auth)
     def web(self) -> Any:
-        from modal_app.api import create_app
+        from gpubridge.server import create_app
         from modal_app.backends import ModalBackend
         from modal_app.worker import ModalDictStore
 

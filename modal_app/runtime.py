@@ -18,7 +18,9 @@ from gpubridge.comfy import ComfyClient, ComfyProcess, ComfyStartError
 from gpubridge.manifest import LinkReport, Manifest, link
 
 from .config import MODAL_APP_DIR, AppConfig
-from .worker import ComfyWorker, JobStore
+from gpubridge.server.store import JobStore
+
+from .worker import ComfyWorker
 
 __all__ = ["MANIFEST_FILE", "launch_comfy", "link_models", "load_manifest", "make_worker", "set_cuda_device"]
 

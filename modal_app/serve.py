@@ -13,7 +13,7 @@ import math
 import os
 from typing import Any
 
-from .api import create_app
+from gpubridge.server import create_app
 from .backends import InProcessBackend
 from .config import DEFAULT_PRICES
 

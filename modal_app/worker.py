@@ -9,7 +9,6 @@ in-process backend calls :meth:`~ComfyWorker.start` and :meth:`~ComfyWorker.fini
 
 from __future__ import annotations
 
-import abc
 import asyncio
 import contextlib
 import logging
@@ -41,9 +40,10 @@ from gpubridge.models import (
 )
 
 from .config import gpu_from_device
-from .schema import HEALTH_KEY, JobRecord, error_dict, record_key
+from gpubridge.server.schema import HEALTH_KEY, JobRecord, error_dict
+from gpubridge.server.store import JobStore
 
-__all__ = ["ComfyWorker", "JobStore", "MemoryStore", "ModalDictStore", "Outcome"]
+__all__ = ["ComfyWorker", "ModalDictStore", "Outcome"]
 
 log = logging.getLogger("gpubridge.modal_app")
 
@@ -52,81 +52,6 @@ Outcome = dict[str, Any]
 
 
 # ------------------------------------------------------------------------------------------------ stores
-
-
-class JobStore(abc.ABC):
-    """Where job records live. Values are JSON-safe dicts."""
-
-    @abc.abstractmethod
-    async def get(self, key: str) -> dict[str, Any] | None: ...
-
-    @abc.abstractmethod
-    async def put(self, key: str, value: dict[str, Any]) -> None: ...
-
-    @abc.abstractmethod
-    async def put_new(self, key: str, value: dict[str, Any]) -> bool:
-        """Store ``value`` unless ``key`` exists; return whether it was stored."""
-
-    async def wait_changed(self, key: str, version: int, timeout: float) -> None:
-        """Return when the record at ``key`` passes ``version``, or after ``timeout`` seconds.
-
-        Stores that cannot notify return at once; callers then pace themselves.
-        """
-
-    async def record(self, job_id: str) -> JobRecord | None:
-        raw = await self.get(record_key(job_id))
-        return JobRecord.model_validate(raw) if raw is not None else None
-
-    async def save(self, record: JobRecord) -> None:
-        await self.put(record_key(record.job_id), record.dump())
-
-
-class MemoryStore(JobStore):
-    """Records in a dict, with change notification (the in-process backend)."""
-
-    def __init__(self) -> None:
-        self.data: dict[str, dict[str, Any]] = {}
-        self._changed: asyncio.Condition | None = None
-
-    def _cond(self) -> asyncio.Condition:
-        if self._changed is None:
-            self._changed = asyncio.Condition()
-        return self._changed
-
-    async def get(self, key: str) -> dict[str, Any] | None:
-        return self.data.get(key)
-
-    async def put(self, key: str, value: dict[str, Any]) -> None:
-        self.data[key] = value
-        cond = self._cond()
-        async with cond:
-            cond.notify_all()
-
-    async def put_new(self, key: str, value: dict[str, Any]) -> bool:
-        if key in self.data:
-            return False
-        await self.put(key, value)
-        return True
-
-    async def delete(self, key: str) -> None:
-        self.data.pop(key, None)
-
-    async def wait_changed(self, key: str, version: int, timeout: float) -> None:
-        def passed() -> bool:
-            value = self.data.get(key)
-            return value is None or value.get("version", 0) > version or _terminal(value)
-
-        cond = self._cond()
-        async with cond:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(cond.wait_for(passed), timeout)
-
-
-def _terminal(value: Mapping[str, Any]) -> bool:
-    try:
-        return JobState(value.get("state")).is_terminal
-    except ValueError:
-        return False
 
 
 class ModalDictStore(JobStore):

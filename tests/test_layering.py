@@ -20,7 +20,7 @@ LAYERS = {
     "manifest": 1,
     "providers": 2,
     "resilience": 3, "shadow": 3,
-    "connect": 4, "testing": 4,
+    "server": 4, "connect": 4, "testing": 4,
     "cli": 5, "cli_models": 5, "cli_shadow": 5,
 }
 FORBIDDEN_SIDEWAYS = {("resilience", "shadow"), ("shadow", "resilience"), ("resilience", "providers"),

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import uvicorn
-from modal_app.api import create_app
+from gpubridge.server import create_app
 from modal_app.backends import InProcessBackend
 from modal_app.config import DEFAULT_PRICES
 

@@ -1,4 +1,4 @@
-"""The job API (modal_app.api) served by uvicorn on 127.0.0.1 with the in-process backend in front of the
+"""The job API (gpubridge.server) served by uvicorn on 127.0.0.1 with the in-process backend in front of the
 ComfyUI double, driven by the modal provider (gpubridge.providers.modal.ModalRunner) and plain httpx."""
 
 from __future__ import annotations

@@ -381,8 +381,9 @@ async def test_the_workers_cleanup_survives_a_second_cancel(comfy):
     """On Modal the GPU container's task can be cancelled again while it interrupts ComfyUI (issue 21 item
     8): the job must still be recorded as cancelled, never left "running"."""
     from gpubridge.comfy import ComfyClient
-    from modal_app.schema import record_key
-    from modal_app.worker import ComfyWorker, MemoryStore
+    from gpubridge.server.schema import record_key
+    from gpubridge.server.store import MemoryStore
+    from modal_app.worker import ComfyWorker
 
     comfy.faults.hold = {"ImageInvert"}  # ignores the interrupt until released
     store = MemoryStore()

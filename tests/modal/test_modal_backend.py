@@ -9,7 +9,7 @@ import time
 import modal.exception
 import pytest
 from modal_app.backends import ModalBackend
-from modal_app.schema import HEALTH_KEY, JobRecord
+from gpubridge.server.schema import HEALTH_KEY, JobRecord
 from modal_app.worker import ComfyWorker, ModalDictStore
 
 from gpubridge.comfy import ComfyClient

@@ -8,7 +8,7 @@ import logging
 import httpx
 import pytest
 import respx
-from modal_app.schema import error_dict
+from gpubridge.server.schema import error_dict
 
 from gpubridge.config import Settings
 from gpubridge.errors import (

@@ -108,7 +108,7 @@ class ModalSettings(ProviderSettings):
 
 
 class _Envelope(BaseModel):
-    """The job API's job envelope (modal_app/schema.py's JobEnvelope, read back)."""
+    """The job API's job envelope (gpubridge.server.schema's JobEnvelope, read back)."""
 
     model_config = ConfigDict(ser_json_bytes="base64", val_json_bytes="base64", extra="ignore")
 
@@ -218,7 +218,7 @@ def _retry_after(resp: httpx.Response) -> float | None:
 
 
 class ModalRunner(WorkflowRunner):
-    """Runs jobs through gpubridge's job API on Modal (or anything serving ``modal_app.api``)."""
+    """Runs jobs through gpubridge's job API on Modal (or anything serving ``gpubridge.server``)."""
 
     def __init__(
         self,

@@ -47,7 +47,7 @@ from gpubridge.errors import (
 )
 from gpubridge.models import MAX_JOB_TIMEOUT, HealthReport, JobRequest, RemoteJobRequest
 
-from .backends import JobBackend
+from .backend import JobBackend
 from .schema import ErrorBody, JobEnvelope, error_dict, error_headers, fingerprint, http_status
 
 __all__ = ["create_app"]

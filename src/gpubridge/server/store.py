@@ -1,0 +1,96 @@
+"""Where the job API keeps its records: a key-value store of JSON-safe dicts with change notification.
+
+A backend writes one record per job (``job:{id}``, a :class:`~gpubridge.server.schema.JobRecord`) and one
+entry per idempotency key. :class:`MemoryStore` keeps them in a dict; deployments bring their own (a
+``modal.Dict`` on Modal).
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+from collections.abc import Mapping
+from typing import Any
+
+from gpubridge.models import JobState
+
+from .schema import JobRecord, record_key
+
+__all__ = ["JobStore", "MemoryStore", "is_terminal_value"]
+
+
+
+class JobStore(abc.ABC):
+    """Where job records live. Values are JSON-safe dicts."""
+
+    @abc.abstractmethod
+    async def get(self, key: str) -> dict[str, Any] | None: ...
+
+    @abc.abstractmethod
+    async def put(self, key: str, value: dict[str, Any]) -> None: ...
+
+    @abc.abstractmethod
+    async def put_new(self, key: str, value: dict[str, Any]) -> bool:
+        """Store ``value`` unless ``key`` exists; return whether it was stored."""
+
+    async def wait_changed(self, key: str, version: int, timeout: float) -> None:
+        """Return when the record at ``key`` passes ``version``, or after ``timeout`` seconds.
+
+        Stores that cannot notify return at once; callers then pace themselves.
+        """
+
+    async def record(self, job_id: str) -> JobRecord | None:
+        raw = await self.get(record_key(job_id))
+        return JobRecord.model_validate(raw) if raw is not None else None
+
+    async def save(self, record: JobRecord) -> None:
+        await self.put(record_key(record.job_id), record.dump())
+
+
+class MemoryStore(JobStore):
+    """Records in a dict, with change notification (the in-process backend)."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, dict[str, Any]] = {}
+        self._changed: asyncio.Condition | None = None
+
+    def _cond(self) -> asyncio.Condition:
+        if self._changed is None:
+            self._changed = asyncio.Condition()
+        return self._changed
+
+    async def get(self, key: str) -> dict[str, Any] | None:
+        return self.data.get(key)
+
+    async def put(self, key: str, value: dict[str, Any]) -> None:
+        self.data[key] = value
+        cond = self._cond()
+        async with cond:
+            cond.notify_all()
+
+    async def put_new(self, key: str, value: dict[str, Any]) -> bool:
+        if key in self.data:
+            return False
+        await self.put(key, value)
+        return True
+
+    async def delete(self, key: str) -> None:
+        self.data.pop(key, None)
+
+    async def wait_changed(self, key: str, version: int, timeout: float) -> None:
+        def passed() -> bool:
+            value = self.data.get(key)
+            return value is None or value.get("version", 0) > version or is_terminal_value(value)
+
+        cond = self._cond()
+        async with cond:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(cond.wait_for(passed), timeout)
+
+
+def is_terminal_value(value: Mapping[str, Any]) -> bool:
+    try:
+        return JobState(value.get("state")).is_terminal
+    except ValueError:
+        return False
