@@ -72,6 +72,32 @@ async def test_sigterm_cancels_the_remote_job_and_exits_143(tmp_path: Path, stag
         assert b"Traceback" not in seen and b"terminated" in seen
 
 
+async def test_sigterm_while_the_submit_is_in_flight_leaves_no_orphan(tmp_path: Path):
+    """SIGTERM lands while POST /prompt is still in flight: the CLI must not close its connections before
+    the prompt it is creating is known and cancelled (it would be queued, then run unobserved)."""
+    async with ComfyDouble(root=tmp_path / "comfy") as comfy:
+        comfy.pause()  # once queued the prompt stays queued: only the CLI's cancel can remove it
+        comfy.faults.hold_prompts = True  # the POST's body is read, then held: the submit is in flight
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gpubridge.cli", "run", MODEL_FREE, "--url", comfy.url,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            await comfy.wait_until(lambda: comfy.stats.prompts_arrived >= 1, timeout=20)
+            proc.send_signal(signal.SIGTERM)
+            comfy.faults.hold_prompts = False  # the held POST now queues the prompt
+            _, err = await asyncio.wait_for(proc.communicate(), 30)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        assert proc.returncode == 143, err[-2000:]
+        (prompt_id,) = list(comfy.jobs)
+        job = await comfy.wait_for_state(prompt_id, "deleted", "interrupted", timeout=5)
+        assert job.state == "deleted"
+        assert b"Traceback" not in err
+
+
 # ------------------------------------------------------------------------------------- output names
 
 

@@ -28,6 +28,7 @@ import collections
 import contextlib
 import inspect
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from functools import partial
 from pathlib import Path
@@ -154,6 +155,7 @@ class WorkflowRunner(abc.ABC):
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        await settle_pending_cancels(self)
         await self.aclose()
 
     def sync(self) -> SyncRunner:
@@ -165,6 +167,18 @@ class WorkflowRunner(abc.ABC):
 
 
 _REAPERS: set[asyncio.Task[None]] = set()  # strong references to the background cancels below
+_PENDING: weakref.WeakKeyDictionary[WorkflowRunner, set[asyncio.Task[None]]] = weakref.WeakKeyDictionary()
+
+CLOSE_GRACE = 10.0
+"""Seconds a closing runner waits for the cancels of jobs whose submit was still in flight when their caller
+went away (SIGTERM during an upload, say): closing first would leave those jobs running unobserved."""
+
+
+async def settle_pending_cancels(runner: WorkflowRunner, timeout: float = CLOSE_GRACE) -> None:
+    """Wait (at most ``timeout``) for the background cancels :meth:`WorkflowRunner.run` left behind."""
+    pending = [t for t in _PENDING.get(runner, ()) if not t.done()]
+    if pending:
+        await asyncio.wait(pending, timeout=timeout)
 
 
 def _cancel_when_submitted(runner: WorkflowRunner, submitting: asyncio.Future[JobHandle]) -> None:
@@ -180,6 +194,9 @@ def _cancel_when_submitted(runner: WorkflowRunner, submitting: asyncio.Future[Jo
     task = asyncio.ensure_future(reap())
     _REAPERS.add(task)
     task.add_done_callback(_REAPERS.discard)
+    mine = _PENDING.setdefault(runner, set())
+    mine.add(task)
+    task.add_done_callback(mine.discard)
 
 
 async def _cancel_quietly(runner: WorkflowRunner, handle: JobHandle) -> None:

@@ -296,6 +296,10 @@ def _is_transient(exc: BaseException) -> bool:
     return isinstance(exc, (OSError, websockets.exceptions.InvalidHandshake, TimeoutError, ProviderUnavailable))
 
 
+# Background tasks that keep a prompt from running unobserved; aclose() lets them finish (close_grace).
+_CLEANUP_TASKS = ("comfy-abandon-", "comfy-cancel-", "comfy-deadline-")
+
+
 class ComfyClient:
     """An async client for one ComfyUI server.
 
@@ -318,7 +322,9 @@ class ComfyClient:
 
     ``aclose()`` does not cancel prompts: a job submitted is the caller's (``gpubridge submit`` exits and
     the job runs on; follow it by id with another client). Waiters and event streams of unfinished jobs
-    end at once with a ``JobError`` (``job_may_be_running``).
+    end at once with a ``JobError`` (``job_may_be_running``). Cleanups already under way (dequeuing a
+    prompt whose submit was cut short, cancelling one past its deadline) get up to ``close_grace`` seconds
+    to finish first.
     """
 
     def __init__(
@@ -346,6 +352,7 @@ class ComfyClient:
         max_output_bytes: int | None = 1 << 30,
         watch_interval: float | None = 5.0,
         silence_timeout: float = 30.0,
+        close_grace: float = 5.0,
     ):
         self.url = url.rstrip("/")
         self.provider = provider
@@ -360,6 +367,7 @@ class ComfyClient:
         self.ping_interval = ping_interval
         self.connect_timeout = connect_timeout
         self.deadline_grace = deadline_grace
+        self.close_grace = close_grace
         self.reap_timeout = reap_timeout
         self.reap_interval = reap_interval
         self.max_output_bytes = max_output_bytes
@@ -490,6 +498,11 @@ class ComfyClient:
             )
         if self._watcher is not None:
             self._watcher.cancel()
+        # Cleanups that keep a prompt from running unobserved (dequeue a prompt whose submit was cut short,
+        # cancel one past its deadline) get a bounded moment to finish before the connections close.
+        cleanups = [t for t in self._background if t.get_name().startswith(_CLEANUP_TASKS) and not t.done()]
+        if cleanups and self.close_grace > 0:
+            await asyncio.wait(cleanups, timeout=self.close_grace)
         for task in list(self._background):
             task.cancel()
         if self._reader is not None:
