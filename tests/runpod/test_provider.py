@@ -238,6 +238,11 @@ def test_parse_failure_shapes():
     oom = parse_failure({"status": "FAILED", "error": json.dumps(
         {"error_type": "<class 'torch.OutOfMemoryError'>", "error_message": "CUDA out of memory"})})
     assert oom.retryable and oom.exception_type == "torch.OutOfMemoryError"
+    # A node's out-of-memory is the GPU's fault, not the workflow's: retryable elsewhere, as on the local
+    # provider (one classifier, gpubridge.comfy.protocol.is_worker_failure).
+    node_oom = parse_failure({"status": "FAILED", "error": "Workflow execution error: Node Type: KSampler, "
+                              "Node ID: 3, Message: CUDA out of memory. Tried to allocate 2.00 GiB"})
+    assert isinstance(node_oom, JobFailed) and node_oom.node_id == "3" and node_oom.retryable
     nothing = parse_failure({"status": "FAILED"})
     assert "without an error" in str(nothing)
 

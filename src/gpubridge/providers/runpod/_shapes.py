@@ -12,7 +12,7 @@ import re
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from ...comfy.protocol import guess_mime
+from ...comfy.protocol import guess_mime, is_worker_failure
 from ...errors import GpuBridgeError, ProtocolError, JobFailed, WorkflowFormatError, WorkflowInputError, WorkflowInvalid
 from ...models import Artifact, ArtifactKind, JobRequest, JobState, Progress, artifact_kind
 
@@ -47,10 +47,6 @@ def parsing(what: str, *, job_id: str | None = None, provider: str | None = None
         ) from None
 
 
-_WORKER_FAILURE_TYPES = {
-    "WorkerCrashed", "WorkerLost", "SystemExit", "KeyboardInterrupt", "MemoryError", "OutOfMemoryError",
-    "torch.OutOfMemoryError", "torch.cuda.OutOfMemoryError", "ProviderUnavailable", "ComfyStartError",
-}
 _WORKER_FAILURE_TEXT = re.compile(
     r"worker (?:exited|crashed|died|was lost|lost)|out of memory|exit code -?\d+|"
     r"comfyui (?:at \S+ )?(?:is not reachable|not reachable|went away|died|is dead)|cannot reach comfyui",
@@ -128,12 +124,10 @@ def parse_failure(body: Mapping[str, Any], *, job_id: str | None = None, provide
 
     # Retryable only when the worker (not the workflow) failed: the worker says so, the error type means
     # the process died or ran out of memory, or (no node to blame) the text says the worker/ComfyUI died.
-    short_type = (exc_type or "").rsplit(".", 1)[-1]
     worker_failure = bool(
         details.get("worker_failure")
         or details.get("refresh_worker")
-        or exc_type in _WORKER_FAILURE_TYPES
-        or short_type in _WORKER_FAILURE_TYPES
+        or is_worker_failure(exc_type, None if exc_message is None else str(exc_message))
         or (node_id is None and (_WORKER_FAILURE_TEXT.search(text)
                                  or _WORKER_FAILURE_TEXT.search(str(exc_message or ""))))
     )
