@@ -276,3 +276,14 @@ def test_error_from_dict_round_trips_every_job_error():
         assert back.job_may_be_running == exc.job_may_be_running
     assert error_from_dict({"type": "KeyError", "message": "x"}) is None
     assert error_from_dict({"type": "Settings", "message": "x"}) is None
+
+
+@respx.mock
+async def test_a_deadline_with_less_than_the_apis_floor_left_is_never_sent(runner):
+    """What failover has left of a deadline can fall under the job API's 1 s floor; sending it would get a
+    non-retryable 422 (InvalidRequest) that hides the real cause. It ends as the timeout it is, unsent."""
+    route = respx.post(f"{URL}/v1/jobs").mock(return_value=httpx.Response(202, json=envelope()))
+    with pytest.raises(JobTimeout) as info:
+        await runner.submit(request().model_copy(update={"timeout": 0.4}))
+    assert info.value.cancelled and not info.value.job_may_be_running and info.value.state == "queued"
+    assert route.call_count == 0

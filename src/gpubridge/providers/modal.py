@@ -50,6 +50,7 @@ from ..errors import (
 )
 from ..manifest import Manifest, ModelEntry, Plan, SyncReport, download, plan, store_files
 from ..models import (
+    MIN_JOB_TIMEOUT,
     STATE_EVENTS,
     EventType,
     HealthReport,
@@ -407,6 +408,16 @@ class ModalRunner(WorkflowRunner):
         so the API hands back the job it may already have created instead of starting a second one."""
         if request.timeout is None:
             request = request.model_copy(update={"timeout": self.default_timeout})
+        if request.timeout < MIN_JOB_TIMEOUT:
+            # What is left of a deadline (after failover attempts, say) is under what the job API accepts:
+            # the job could not run in time anyway, so it ends here, never sent (nothing to cancel).
+            raise JobTimeout(
+                f"Only {request.timeout:.3g}s of the job's deadline was left, under the {MIN_JOB_TIMEOUT:g}s "
+                "a remote job needs; it was not submitted",
+                state="queued", cancelled=True, provider=self.name,
+            )
+        if request.queue_timeout is not None and request.queue_timeout < MIN_JOB_TIMEOUT:
+            request = request.model_copy(update={"queue_timeout": MIN_JOB_TIMEOUT})
         submitted = time.time()
         body = request.model_dump_json()
         headers = {"Content-Type": "application/json", "Idempotency-Key": uuid.uuid4().hex}
