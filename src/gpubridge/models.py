@@ -32,7 +32,7 @@ from pydantic import (
     model_validator,
 )
 
-from .errors import WorkflowFormatError, WorkflowInputError
+from .errors import WorkflowFormatError, WorkflowInputError, scrub
 
 __all__ = [
     "Workflow",
@@ -853,6 +853,11 @@ class HealthReport(BaseModel):
     workers: dict[str, int] | None = None
     version: str | None = None
     details: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("message")
+    @classmethod
+    def _no_url_credentials(cls, v: str | None) -> str | None:
+        return scrub(v) if v else v
 
     @property
     def ok(self) -> bool:

@@ -128,3 +128,14 @@ def test_installed_entry_point_in_a_subprocess(modal_env, tmp_path):
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
     assert summary["state"] == "succeeded" and len(summary["artifacts"]) == 2
+
+
+def test_credentials_in_the_api_url_never_reach_health_output(monkeypatch, capsys):
+    """Issue 10 (12): GPUBRIDGE_MODAL_URL=http://user:pass@host printed the password in `health --json`,
+    because the unreachable-API message names the URL. Port 9 on loopback refuses the connection."""
+    monkeypatch.setenv("GPUBRIDGE_MODAL_URL", "http://alice:hunter2-SECRET@127.0.0.1:9")
+    monkeypatch.setenv("GPUBRIDGE_MODAL_TOKEN", TOKEN)
+    monkeypatch.setenv("GPUBRIDGE_CONFIG", str(_empty_config(monkeypatch)))
+    code, out, err = cli(capsys, "health", "-p", "modal", "--json")
+    assert code != 0 and "127.0.0.1:9" in out + err  # the message still says where
+    assert "hunter2" not in out + err and "alice" not in out + err

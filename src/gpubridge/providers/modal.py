@@ -47,6 +47,7 @@ from ..errors import (
     ProviderUnavailable,
     RateLimited,
     WorkflowInvalid,
+    redact_url,
 )
 from ..manifest import Manifest, ModelEntry, Plan, SyncReport, download, plan, store_files
 from ..models import (
@@ -252,6 +253,7 @@ class ModalRunner(WorkflowRunner):
             headers["Modal-Secret"] = secret_v
         self.name = name
         self.url = url.rstrip("/")
+        self.shown_url = redact_url(self.url)  # for messages and reprs: never a user:password@
         self.default_timeout = default_timeout
         self.request_timeout = request_timeout
         self.long_poll = long_poll
@@ -294,11 +296,11 @@ class ModalRunner(WorkflowRunner):
             resp = await self._http.request(method, path, timeout=timeout, **kwargs)
         except httpx.ConnectError as exc:
             raise ProviderUnavailable(
-                f"Cannot reach the Modal job API at {self.url} ({_reason(exc)})", provider=self.name
+                f"Cannot reach the Modal job API at {self.shown_url} ({_reason(exc)})", provider=self.name
             ) from None
         except httpx.TimeoutException as exc:
             err = ProviderUnavailable(
-                f"The Modal job API at {self.url} timed out on {method} {path} ({type(exc).__name__})",
+                f"The Modal job API at {self.shown_url} timed out on {method} {path} ({type(exc).__name__})",
                 provider=self.name,
             )
             # A submit that timed out after sending may have been accepted: resubmitting could run it twice.
@@ -306,7 +308,7 @@ class ModalRunner(WorkflowRunner):
             raise err from None
         except httpx.TransportError as exc:
             err = ProviderUnavailable(
-                f"The Modal job API at {self.url} dropped {method} {path} ({_reason(exc)})",
+                f"The Modal job API at {self.shown_url} dropped {method} {path} ({_reason(exc)})",
                 provider=self.name,
             )
             err.job_may_be_running = method == "POST"
@@ -332,7 +334,7 @@ class ModalRunner(WorkflowRunner):
         snippet = _snippet(resp)
         if code in (401, 403):
             return AuthError(
-                f"The Modal job API at {self.url} refused our credentials ({code} on {what}{snippet}); check "
+                f"The Modal job API at {self.shown_url} refused our credentials ({code} on {what}{snippet}); check "
                 "GPUBRIDGE_MODAL_TOKEN, or GPUBRIDGE_MODAL_KEY/GPUBRIDGE_MODAL_SECRET for proxy auth",
                 provider=self.name,
             )
@@ -342,7 +344,7 @@ class ModalRunner(WorkflowRunner):
                     f"The Modal job API knows no job {job_id}", job_id=job_id, provider=self.name
                 )
             return ConfigError(
-                f"No job API at {self.url} ({code} on {what}{snippet}); is the app deployed and "
+                f"No job API at {self.shown_url} ({code} on {what}{snippet}); is the app deployed and "
                 "GPUBRIDGE_MODAL_URL its JobAPI.web URL?",
                 provider=self.name,
             )
@@ -555,7 +557,7 @@ class ModalRunner(WorkflowRunner):
             return HealthReport(
                 provider=self.name,
                 state=HealthState.UNHEALTHY,
-                message=f"Cannot reach the Modal job API at {self.url} ({_reason(exc)})",
+                message=f"Cannot reach the Modal job API at {self.shown_url} ({_reason(exc)})",
             )
         latency = round((time.perf_counter() - t0) * 1000, 2)
         if resp.status_code in (401, 403):
@@ -581,7 +583,7 @@ class ModalRunner(WorkflowRunner):
         await self._http.aclose()
 
     def __repr__(self) -> str:
-        return f"<ModalRunner {self.name!r} {self.url}>"
+        return f"<ModalRunner {self.name!r} {self.shown_url}>"
 
 
 
