@@ -19,7 +19,7 @@ the original has been cancelled::
     │   ├── ProviderUnavailable      connection refused/reset, 5xx, health red, worker crashed
     │   ├── RateLimited              429 / throttled; carries retry_after
     │   ├── ProtocolError            a response we could not understand (malformed JSON, ...)
-    │   └── InputUnavailable         an input URL's own server failed (5xx, timeout)
+    │   └── InputUnavailable         an input URL could not be fetched now (DNS, 5xx, timeout); HTTP 424
     └── JobError                     a job was accepted, then did not produce a result
         ├── JobFailed                the workflow raised while executing (node, exception, traceback)
         ├── JobTimeout               the job's deadline passed; it was interrupted/removed       retryable

@@ -32,7 +32,7 @@ async def test_url_input_refused_with_422_before_connecting(api: str, threaded_c
     assert server.accepted == 0 and threaded_comfy.double.stats.uploads == 0
 
 
-async def test_url_input_server_error_is_a_retryable_502(api: str, monkeypatch: pytest.MonkeyPatch):
+async def test_url_input_server_error_is_a_retryable_424(api: str, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("GPUBRIDGE_FETCH_ALLOW", "127.0.0.1")
 
     async def unavailable(head, w, s) -> None:
@@ -41,5 +41,5 @@ async def test_url_input_server_error_is_a_retryable_502(api: str, monkeypatch: 
     async with Server(unavailable) as server, httpx.AsyncClient(base_url=api, headers=AUTH, timeout=30) as http:
         resp = await http.post("/v1/run", json={"workflow": IMG2IMG,
                                                 "inputs": {"face.png": {"url": f"{server.url}/face.png"}}})
-    assert resp.status_code == 502, resp.text
+    assert resp.status_code == 424, resp.text  # the caller's URL failed, not this server (never a 5xx)
     assert resp.json()["error"]["type"] == "InputUnavailable" and resp.json()["error"]["retryable"] is True

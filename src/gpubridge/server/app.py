@@ -66,12 +66,14 @@ _E422 = {
         "WorkflowInputError, WorkflowInvalid), or an Idempotency-Key reused with another body"
     )
 }
+_E424 = {424: _err("An input URL could not be fetched right now: DNS, its server's 5xx, a timeout (InputUnavailable, "
+                   "retryable)")}
 _E429 = {429: _err("Too many jobs (RateLimited); see Retry-After")}
 _E500 = {500: _err("A bug in the server (InternalError)")}
 _E502 = {502: _err("ComfyUI answered in a way the server could not understand (ProtocolError)")}
 _E503 = {503: _err("ComfyUI or Modal unavailable (ProviderUnavailable, retryable)")}
 # What each operation can answer besides its success (every one: 401 and 500).
-_SUBMIT_ERRORS = {**_E400, **_E401, **_E413, **_E422, **_E429, **_E500, **_E502, **_E503}
+_SUBMIT_ERRORS = {**_E400, **_E401, **_E413, **_E422, **_E424, **_E429, **_E500, **_E502, **_E503}
 _JOB_ERRORS = {**_E401, **_E404, **_E422, **_E500, **_E503}
 _CANCEL_ERRORS = {**_E401, **_E404, **_E500, **_E503}
 _HEALTH_ERRORS = {**_E401, **_E422, **_E500}

@@ -24,6 +24,7 @@ from gpubridge.errors import (
     AuthError,
     ConfigError,
     GpuBridgeError,
+    InputUnavailable,
     InvalidRequest,
     JobError,
     JobNotFound,
@@ -167,6 +168,10 @@ def http_status(exc: GpuBridgeError) -> int:
         return 422
     if isinstance(exc, RateLimited):
         return 429
+    if isinstance(exc, InputUnavailable):
+        # The caller's own input URL failed (DNS, its 5xx, a timeout): a failed dependency of the request,
+        # not a failure of this server; retryable says whether sending it again may work.
+        return 424
     if isinstance(exc, ProviderUnavailable):
         return 503
     if isinstance(exc, JobTimeout):
