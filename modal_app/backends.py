@@ -128,6 +128,11 @@ class InProcessBackend(JobBackend):
         while len(self._expired) > 10_000:  # remember recent expiries only
             del self._expired[next(iter(self._expired))]
 
+    async def _forget(self, job_id: str) -> None:
+        if job_id in self.jobs:
+            self._drop(job_id)
+        await self.store.delete(record_key(job_id))
+
     def _drop(self, job_id: str) -> None:
         """Forget a finished job: its record, its result file and its idempotency entry go together."""
         job = self.jobs.pop(job_id)

@@ -69,6 +69,9 @@ class ModalDictStore(JobStore):
     async def put_new(self, key: str, value: dict[str, Any]) -> bool:
         return bool(await self.dict.put.aio(key, value, skip_if_exists=True))
 
+    async def delete(self, key: str) -> None:
+        await self.dict.pop.aio(key, None)
+
 
 # ------------------------------------------------------------------------------------------------ worker
 

@@ -15,6 +15,7 @@ the original has been cancelled::
     ├── PayloadTooLarge              request over the backend's size limit
     ├── AuthError                    credentials missing or rejected (401/403)
     ├── InvalidRequest               a malformed API request (bad JSON, parameter, header)  not retryable
+    ├── Conflict                     not now: the job has not ended yet (DELETE during a cancel) retryable
     ├── ProviderError                the backend could not be reached or misbehaved       retryable
     │   ├── ProviderUnavailable      connection refused/reset, 5xx, health red, worker crashed
     │   ├── RateLimited              429 / throttled; carries retry_after
@@ -49,6 +50,7 @@ __all__ = [
     "PayloadTooLarge",
     "AuthError",
     "InvalidRequest",
+    "Conflict",
     "ProviderError",
     "ProviderUnavailable",
     "RateLimited",
@@ -247,6 +249,13 @@ class AuthError(GpuBridgeError):
 class InvalidRequest(GpuBridgeError):
     """An HTTP request to a gpubridge API was malformed: bad JSON, a bad parameter or header, a method the
     route does not take, or an ``Idempotency-Key`` reused with a different body. Not retryable as sent."""
+
+
+class Conflict(GpuBridgeError):
+    """The request cannot be done in the resource's current state, but may be once it changes: deleting a
+    job whose cancel is not confirmed yet. HTTP 409; retryable."""
+
+    retryable = True
 
 
 class ProviderError(GpuBridgeError):

@@ -461,6 +461,17 @@ class RemoteJobRequest(BaseModel):
     :meth:`capped` makes a variant with another cap.
     """
 
+    # A request that runs on any ComfyUI (no models): the OpenAPI document's example, which generated
+    # clients show and which lets schema-driven fuzzing create real jobs and follow them.
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "workflow": {
+            "1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0}},
+            "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+            "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "example"}},
+        },
+        "timeout": 60,
+    }]})
+
     workflow: dict[str, WireNode] = Field(min_length=1, description="An API-format graph: node id -> node")
     inputs: dict[WireFileName, WireInput] = Field(default_factory=dict)
     timeout: float | None = Field(

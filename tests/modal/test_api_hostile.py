@@ -300,15 +300,34 @@ async def test_a_second_delete_during_a_cancel_still_ends_the_job(threaded_comfy
         async with httpx.AsyncClient(base_url=url, headers=AUTH, timeout=30) as http:
             job_id = (await http.post("/v1/jobs", json={"workflow": WF, "timeout": 60})).json()["job_id"]
             await asyncio.to_thread(threaded_comfy.wait_until, lambda: bool(threaded_comfy.queue_running))
-            first = asyncio.create_task(http.delete(f"/v1/jobs/{job_id}"))
+            first = asyncio.create_task(http.post(f"/v1/jobs/{job_id}/cancel"))
             await asyncio.to_thread(threaded_comfy.wait_until, lambda: threaded_comfy.stats.interrupts >= 1)
-            second = asyncio.create_task(http.delete(f"/v1/jobs/{job_id}"))
+            second = asyncio.create_task(http.post(f"/v1/jobs/{job_id}/cancel"))
             assert await asyncio.to_thread(entered.wait, 10)
             threaded_comfy.faults.hold = set()
             answers = [(await first).json(), (await second).json()]
             assert [a["status"]["state"] for a in answers] == ["cancelled", "cancelled"], answers
             later = await http.get(f"/v1/jobs/{job_id}")
             assert later.json()["status"]["state"] == "cancelled"
+
+
+async def test_delete_cancels_then_forgets_the_job(threaded_comfy):
+    """DELETE is cancel-and-forget: once it answered 2xx the job is gone (404), as a REST client and the
+    fuzzer's use-after-free check expect; POST .../cancel keeps it readable."""
+    threaded_comfy.pause()  # the jobs wait in ComfyUI's queue
+    with serve_api(threaded_comfy.url) as (url, _):
+        async with httpx.AsyncClient(base_url=url, headers=AUTH, timeout=30) as http:
+            kept = (await http.post("/v1/jobs", json={"workflow": WF, "timeout": 60})).json()["job_id"]
+            gone = (await http.post("/v1/jobs", json={"workflow": WF, "timeout": 60})).json()["job_id"]
+            cancelled = await http.post(f"/v1/jobs/{kept}/cancel")
+            deleted = await http.delete(f"/v1/jobs/{gone}")
+            assert cancelled.status_code == 200 and cancelled.json()["status"]["state"] == "cancelled"
+            assert deleted.status_code == 200 and deleted.json()["status"]["state"] == "cancelled"
+            assert (await http.get(f"/v1/jobs/{kept}")).json()["status"]["state"] == "cancelled"
+            after = await http.get(f"/v1/jobs/{gone}")
+            assert after.status_code == 404 and after.json()["error"]["type"] in ("JobNotFound", "ResultExpired")
+            assert (await http.delete(f"/v1/jobs/{gone}")).status_code == 404
+    threaded_comfy.resume()
 
 
 # -------------------------------------------------------------------------------- issue 21 item 10

@@ -185,7 +185,7 @@ async def test_wait_enforces_the_job_deadline_as_a_backstop(monkeypatch):
         respx.get(f"{URL}/v1/jobs/fc-1").mock(
             return_value=httpx.Response(200, json=envelope("running", deadline=1.0))
         )  # the deadline passed long ago
-        cancel = respx.delete(f"{URL}/v1/jobs/fc-1").mock(
+        cancel = respx.post(f"{URL}/v1/jobs/fc-1/cancel").mock(
             return_value=httpx.Response(200, json=envelope("cancelled"))
         )
         with pytest.raises(JobTimeout) as info:

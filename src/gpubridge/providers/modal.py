@@ -511,7 +511,7 @@ class ModalRunner(WorkflowRunner):
 
     async def cancel(self, job: JobRef) -> JobStatus:
         job_id = job_id_of(job)
-        resp = await self._request("DELETE", f"/v1/jobs/{job_id}", job_id=job_id)
+        resp = await self._request("POST", f"/v1/jobs/{job_id}/cancel", job_id=job_id)
         return self._envelope(resp, f"cancel {job_id}").status
 
     async def events(self, job: JobRef) -> AsyncIterator[JobEvent]:  # type: ignore[override]

@@ -11,7 +11,9 @@ Endpoints (all under ``/v1`` need ``Authorization: Bearer <token>`` unless auth 
   inline or by URL, never a path on this server); 202 with the job's envelope.
 - ``GET /v1/jobs/{id}?wait=S&after=V``: the envelope; long-polls up to S seconds (capped at
   ``max_wait``) for the job to end, or, with ``after``, for its version to pass V.
-- ``DELETE /v1/jobs/{id}``: cancel (dequeue or interrupt ComfyUI).
+- ``POST /v1/jobs/{id}/cancel``: cancel (dequeue or interrupt ComfyUI); the job stays readable.
+- ``DELETE /v1/jobs/{id}``: cancel if it has not ended, then forget it (404 from then on; 409 while a cancel
+  is not confirmed yet).
 - ``POST /v1/run?timeout=S``: submit and wait (capped at ``sync_timeout``); 200 when the job ended, 202
   with the job still running otherwise.
 - ``GET /v1/health?deep=1``: 200 when healthy or degraded, 503 otherwise.
@@ -59,6 +61,7 @@ def _err(description: str) -> dict[str, Any]:
 _E400 = {400: _err("A body that could not be read as JSON (InvalidRequest)")}
 _E401 = {401: _err("Missing or invalid credentials (AuthError)")}
 _E404 = {404: _err("Unknown job (JobNotFound) or expired result (ResultExpired)")}
+_E409 = {409: _err("The job's cancel is not confirmed yet; DELETE again once it has ended (Conflict)")}
 _E413 = {413: _err("Request body too large (PayloadTooLarge)")}
 _E422 = {
     422: _err(
@@ -82,6 +85,7 @@ _HEALTH_ERRORS = {**_E401, **_E422, **_E500}
 _JOB_LINKS = {
     "GetJob": {"operationId": "get_job", "parameters": {"job_id": "$response.body#/job_id"}},
     "CancelJob": {"operationId": "cancel_job", "parameters": {"job_id": "$response.body#/job_id"}},
+    "DeleteJob": {"operationId": "delete_job", "parameters": {"job_id": "$response.body#/job_id"}},
 }
 
 _REASONS = {400: "InvalidRequest", 404: "NotFound", 405: "MethodNotAllowed"}
@@ -342,16 +346,27 @@ def create_app(
     ) -> Response:
         return _json(await backend.get(job_id, wait=_clamp(wait, max_wait), after=after))
 
-    @app.delete(
-        "/v1/jobs/{job_id}",
+    @app.post(
+        "/v1/jobs/{job_id}/cancel",
         response_model=JobEnvelope,
         responses=_CANCEL_ERRORS,
         dependencies=v1,
-        summary="Cancel a job",
+        summary="Cancel a job (dequeue or interrupt); it stays readable",
         operation_id="cancel_job",
     )
     async def cancel_job(job_id: str) -> Response:
         return _json(await backend.cancel(job_id))
+
+    @app.delete(
+        "/v1/jobs/{job_id}",
+        response_model=JobEnvelope,
+        responses={**_CANCEL_ERRORS, **_E409},
+        dependencies=v1,
+        summary="Cancel a job if it has not ended, then forget it (404 from then on)",
+        operation_id="delete_job",
+    )
+    async def delete_job(job_id: str) -> Response:
+        return _json(await backend.forget(job_id))
 
     @app.post(
         "/v1/run",

@@ -11,10 +11,10 @@ import asyncio
 import contextlib
 from typing import Any
 
-from gpubridge.errors import GpuBridgeError, InvalidRequest, JobNotFound
+from gpubridge.errors import Conflict, GpuBridgeError, InvalidRequest, JobNotFound
 from gpubridge.models import HealthReport, JobRequest
 
-from .schema import JobEnvelope, idempotency_key
+from .schema import JobEnvelope, idempotency_key, record_key
 from .store import JobStore
 
 __all__ = ["JobBackend"]
@@ -92,6 +92,25 @@ class JobBackend(abc.ABC):
     @abc.abstractmethod
     async def cancel(self, job_id: str) -> JobEnvelope:
         """Cancel the job (dequeue or interrupt); idempotent."""
+
+    async def forget(self, job_id: str) -> JobEnvelope:
+        """``DELETE``: cancel the job if it has not ended, then forget it (record, result, idempotency
+        entry), so that it answers 404 from then on. Returns the job's last envelope. A job whose cancel is
+        not confirmed yet is kept (Conflict, 409): forgetting it would lose the only handle on a job that
+        may still run."""
+        env = await self.cancel(job_id)
+        if not env.terminal:
+            raise Conflict(
+                f"Job {job_id} is still {env.status.state.value}: its cancel is under way; DELETE again once "
+                "it has ended",
+                provider=self.provider,
+            )
+        await self._forget(job_id)
+        return env
+
+    async def _forget(self, job_id: str) -> None:
+        """Drop an ended job's records (the store's ``job:`` record by default)."""
+        await self.store.delete(record_key(job_id))
 
     @abc.abstractmethod
     async def health(self, *, deep: bool = False) -> HealthReport: ...

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from gpubridge.errors import (
     AuthError,
     ConfigError,
+    Conflict,
     GpuBridgeError,
     InputUnavailable,
     InvalidRequest,
@@ -164,6 +165,8 @@ def http_status(exc: GpuBridgeError) -> int:
         return 404
     if isinstance(exc, PayloadTooLarge):
         return 413
+    if isinstance(exc, Conflict):
+        return 409
     if isinstance(exc, (WorkflowError, InvalidRequest)):
         return 422
     if isinstance(exc, RateLimited):

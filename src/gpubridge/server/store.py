@@ -34,6 +34,10 @@ class JobStore(abc.ABC):
     async def put_new(self, key: str, value: dict[str, Any]) -> bool:
         """Store ``value`` unless ``key`` exists; return whether it was stored."""
 
+    @abc.abstractmethod
+    async def delete(self, key: str) -> None:
+        """Remove ``key`` (no error when it is absent)."""
+
     async def wait_changed(self, key: str, version: int, timeout: float) -> None:
         """Return when the record at ``key`` passes ``version``, or after ``timeout`` seconds.
 
