@@ -578,20 +578,21 @@ class ComfyClient:
             resp = await self._send(method, path, stream=True, **kwargs)
             try:
                 yield resp
-            except httpx.TimeoutException as exc:
-                raise ProviderUnavailable(
-                    f"ComfyUI at {self.url} timed out on {method} {path} ({type(exc).__name__})",
-                    provider=self.provider,
-                ) from None
-            except httpx.TransportError as exc:
-                raise ProviderUnavailable(
-                    f"ComfyUI at {self.url} dropped {method} {path} ({_short(exc)})", provider=self.provider
-                ) from None
+            except httpx.TransportError as exc:  # timeouts included: reading the streamed body
+                raise self._transport_failure(method, path, exc) from None
             finally:
                 await resp.aclose()
         finally:
             if slots is not None:
                 slots.release()
+
+    def _transport_failure(self, method: str, path: str, exc: httpx.TransportError) -> ProviderUnavailable:
+        """A timeout or dropped connection on ``method path``, as the retryable error it is."""
+        if isinstance(exc, httpx.TimeoutException):
+            what = f"timed out on {method} {path} ({type(exc).__name__})"
+        else:
+            what = f"dropped {method} {path} ({_short(exc)})"
+        return ProviderUnavailable(f"ComfyUI at {self.url} {what}", provider=self.provider)
 
     async def _send(self, method: str, path: str, *, stream: bool = False, **kwargs: Any) -> httpx.Response:
         try:
@@ -602,15 +603,8 @@ class ComfyClient:
         except httpx.ConnectError as exc:
             reason = "connection refused" if "refused" in str(exc).lower() else _short(exc)
             raise ProviderUnavailable(unreachable_message(self.url, reason), provider=self.provider) from None
-        except httpx.TimeoutException as exc:
-            raise ProviderUnavailable(
-                f"ComfyUI at {self.url} timed out on {method} {path} ({type(exc).__name__})",
-                provider=self.provider,
-            ) from None
         except httpx.TransportError as exc:
-            raise ProviderUnavailable(
-                f"ComfyUI at {self.url} dropped {method} {path} ({_short(exc)})", provider=self.provider
-            ) from None
+            raise self._transport_failure(method, path, exc) from None
         code = resp.status_code
         if code < 400 or code == 400 and path.endswith("/prompt"):
             return resp
