@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
-import httpx
+import asyncio
 
-from gpubridge.models import JobRequest, Workflow
+import httpx
+import pytest
+
+from gpubridge.errors import JobNotFound
+from gpubridge.models import HealthReport, HealthState, JobRequest, Workflow
 from gpubridge.providers.modal import ModalRunner
+from gpubridge.server import JobBackend, MemoryStore
+from gpubridge.server.schema import JobEnvelope, JobRecord
 
 from .conftest import TOKEN, WORKFLOWS, serve_api
 
@@ -49,3 +55,75 @@ async def test_lost_submit_answer_is_resent_and_deduplicated(threaded_comfy):
             assert len(backend.jobs) == 1  # not two jobs
         finally:
             await runner.aclose()
+
+
+class _StoreBackend(JobBackend):
+    """A backend whose jobs live in the shared store alone (as on several API replicas); counts submits."""
+
+    provider = "test"
+
+    def __init__(self, store: MemoryStore, submitted: list[str]):
+        self.store = store
+        self.submitted = submitted
+
+    async def submit(self, request: JobRequest) -> JobEnvelope:
+        await asyncio.sleep(0)  # let the other replica in between claim and submit
+        record = JobRecord(job_id=f"job-{len(self.submitted)}")
+        self.submitted.append(record.job_id)
+        await self.store.save(record)
+        return JobEnvelope.of(record, self.provider)
+
+    async def get(self, job_id: str, *, wait: float = 0.0, after: int | None = None) -> JobEnvelope:
+        record = await self.store.record(job_id)
+        if record is None:
+            raise JobNotFound(f"No job {job_id}", job_id=job_id)
+        return JobEnvelope.of(record, self.provider)
+
+    async def cancel(self, job_id: str) -> JobEnvelope:
+        return await self.get(job_id)
+
+    async def health(self, *, deep: bool = False) -> HealthReport:
+        return HealthReport(provider=self.provider, state=HealthState.HEALTHY)
+
+
+async def test_the_same_key_on_two_replicas_at_once_runs_one_job():
+    """Two API replicas (two backends on one store) get the same key at once: the key is claimed before
+    anything is submitted, so one job is created (not one created and one cancelled) and both answer its
+    id."""
+    store, submitted = MemoryStore(), []
+    replicas = [_StoreBackend(store, submitted) for _ in range(4)]
+    request = JobRequest(workflow=WF)
+    answers = await asyncio.gather(
+        *(r.submit_idempotent(request, "k-race", scope="s", fingerprint="f") for r in replicas)
+    )
+    assert len(submitted) == 1
+    assert {env.job_id for env, _ in answers} == {submitted[0]}
+    assert sorted(created for _, created in answers) == [False, False, False, True]
+
+
+async def test_a_failed_submit_frees_its_key(comfy):
+    """A submit that fails (nothing created) releases its claim: the retry with the same key runs."""
+    from gpubridge.errors import ProviderUnavailable
+    from gpubridge.server import MemoryStore
+
+    from modal_app.backends import InProcessBackend
+
+    backend = InProcessBackend.for_url(comfy.url, store=MemoryStore())
+    real_submit = backend.submit
+    calls = 0
+
+    async def flaky(request):
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise ProviderUnavailable("ComfyUI is restarting", provider="modal")
+        return await real_submit(request)
+
+    backend.submit = flaky  # type: ignore[method-assign]
+    try:
+        with pytest.raises(ProviderUnavailable):
+            await backend.submit_idempotent(JobRequest(workflow=WF), "k-retry", fingerprint="f")
+        env, created = await backend.submit_idempotent(JobRequest(workflow=WF), "k-retry", fingerprint="f")
+        assert created and env.job_id in backend.jobs
+    finally:
+        await backend.aclose()
