@@ -78,7 +78,7 @@ _E503 = {503: _err("ComfyUI or Modal unavailable (ProviderUnavailable, retryable
 # What each operation can answer besides its success (every one: 401 and 500).
 _SUBMIT_ERRORS = {**_E400, **_E401, **_E413, **_E422, **_E424, **_E429, **_E500, **_E502, **_E503}
 _JOB_ERRORS = {**_E401, **_E404, **_E422, **_E500, **_E503}
-_CANCEL_ERRORS = {**_E401, **_E404, **_E500, **_E503}
+_CANCEL_ERRORS = {**_E401, **_E404, **_E422, **_E500, **_E503}
 _HEALTH_ERRORS = {**_E401, **_E422, **_E500}
 
 # OpenAPI links: the job a submit answered with can be followed (and cancelled) by its id.
