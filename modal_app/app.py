@@ -122,6 +122,7 @@ class JobAPI:
 
     @modal.asgi_app(requires_proxy_auth=config.proxy_auth)
     def web(self) -> Any:
+        from gpubridge.config import WebhookSettings
         from gpubridge.server import create_app
         from modal_app.backends import ModalBackend
         from modal_app.worker import ModalDictStore
@@ -146,6 +147,7 @@ class JobAPI:
             sync_timeout=config.sync_timeout,
             max_timeout=config.max_timeout,
             public_docs=config.public_docs,
+            webhooks=WebhookSettings.load(),
         )
 
 

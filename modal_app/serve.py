@@ -13,6 +13,7 @@ import math
 import os
 from typing import Any
 
+from gpubridge.config import WebhookSettings
 from gpubridge.server import create_app
 from .backends import InProcessBackend
 from .config import DEFAULT_PRICES
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
         "result_dir": args.result_dir,
         "max_result_bytes": int(args.max_result_mb * 1024 * 1024),
     }
-    extra: dict[str, Any] = {"public_docs": args.public_docs}
+    extra: dict[str, Any] = {"public_docs": args.public_docs, "webhooks": WebhookSettings.load()}
     if args.max_timeout is not None:
         extra["max_timeout"] = args.max_timeout
     app = build_app(

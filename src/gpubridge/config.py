@@ -29,7 +29,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -51,6 +51,7 @@ __all__ = [
     "load_toml",
     "DEFAULT_COMFY_URL",
     "FetchSettings",
+    "WebhookSettings",
 ]
 
 DEFAULT_COMFY_URL = "http://127.0.0.1:8188"
@@ -314,3 +315,45 @@ class FetchSettings(_LayeredSettings):
         if not isinstance(table, Mapping):
             raise ConfigError(f"[fetch] in {path} must be a table")
         return cls._build(table, overrides, f" for [fetch] in {path}" if path else " for GPUBRIDGE_FETCH_*")
+
+
+class WebhookSettings(_LayeredSettings):
+    """How job webhooks are delivered (see :mod:`gpubridge.server.webhooks`): environment
+    ``GPUBRIDGE_WEBHOOK_*`` over the TOML table ``[webhook]``.
+
+    Deliveries are signed per the Standard Webhooks spec with ``secret`` (``whsec_`` + base64, as the spec's
+    libraries generate); without one, jobs that ask for a webhook are refused (422), never sent unsigned.
+    A failed delivery is retried with exponential backoff and jitter, ``attempts`` times at most within
+    ``window`` seconds of the first. Target URLs pass the guard of URL inputs: loopback, private, link-local
+    and metadata addresses are refused unless ``allow`` names them.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="GPUBRIDGE_WEBHOOK_")
+
+    secret: SecretStr | None = None
+    attempts: int = Field(default=8, ge=1, le=100)
+    first_delay: float = Field(default=5.0, gt=0)
+    """Seconds before the first retry; each later one waits twice as long (jittered), up to ``max_delay``."""
+    max_delay: float = Field(default=300.0, gt=0)
+    window: float = Field(default=900.0, gt=0)
+    """No attempt starts later than this many seconds after the first."""
+    timeout: float = Field(default=10.0, gt=0)
+    """Seconds a receiver has to answer one delivery."""
+    allow: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Host names and CIDR ranges a webhook may target even though private (``127.0.0.1`` in tests)."""
+    progress_interval: float = Field(default=2.0, gt=0)
+    """At most one progress webhook per job per this many seconds."""
+
+    @field_validator("allow", mode="before")
+    @classmethod
+    def _normalise_lists(cls, value: Any) -> Any:
+        return _split_list(value)
+
+    @classmethod
+    def load(cls, config_file: str | Path | None = None, **overrides: Any) -> WebhookSettings:
+        """The ``[webhook]`` table of the config file, then the environment."""
+        path = Path(config_file).expanduser() if config_file else find_config_file()
+        table = load_toml(path).get("webhook", {}) if path else {}
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"[webhook] in {path} must be a table")
+        return cls._build(table, overrides, f" for [webhook] in {path}" if path else " for GPUBRIDGE_WEBHOOK_*")

@@ -375,6 +375,41 @@ class UrlFetcher:
                     await response.aclose()
         raise WorkflowInputError(f"{what}: more than {self.max_redirects} redirects")
 
+    async def post(
+        self, url: str, content: bytes, headers: dict[str, str], *, what: str = "webhook", timeout: float | None = None
+    ) -> int:
+        """POST ``content`` to a caller-supplied ``url`` under the same guard (vetted address, no redirect
+        followed: a redirect is an answer like any other) and return the status code. The answer's body is
+        never read. Refused URLs raise :class:`WorkflowInputError`; a receiver that cannot be reached or does
+        not answer in ``timeout`` raises :class:`InputUnavailable`."""
+        u = self.parse(url, what)
+        limit = self.timeout if timeout is None else timeout
+        if self._ssl is None:
+            self._ssl = httpx.create_ssl_context()
+        try:
+            async with asyncio.timeout(limit):
+                ip, by_name = await self.vet(u, what)
+                backend = _GuardedBackend(self.policy, {ip} if by_name else set())
+                target = u.copy_with(host=ip)
+                extensions = {"sni_hostname": u.raw_host.decode("ascii")} if u.scheme == "https" else {}
+                sent = {**headers, "Host": u.netloc.decode("ascii")}
+                async with httpx.AsyncClient(transport=_transport(self._ssl, backend), follow_redirects=False,
+                                             timeout=httpx.Timeout(limit), trust_env=False) as http:
+                    request = http.build_request("POST", target, content=content, headers=sent,
+                                                 extensions=extensions)
+                    try:
+                        response = await http.send(request, stream=True)
+                    except _Refused as exc:
+                        raise WorkflowInputError(f"{what}: {show_url(u)} is refused: {exc}") from None
+                    except httpx.TimeoutException:
+                        raise InputUnavailable(f"{what}: {show_url(u)} did not answer in time") from None
+                    except httpx.HTTPError as exc:
+                        raise InputUnavailable(f"{what}: cannot reach {show_url(u)}: {type(exc).__name__}") from None
+                    await response.aclose()
+                    return response.status_code
+        except TimeoutError:
+            raise InputUnavailable(f"{what}: {show_url(u)} did not answer within {limit:g} s") from None
+
     async def _body(self, response: httpx.Response, u: httpx.URL, what: str) -> Fetched:
         status = response.status_code
         if status >= 500 or status in (408, 429):

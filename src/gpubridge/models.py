@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import filetype
 from pydantic import (
@@ -484,6 +484,16 @@ class RemoteJobRequest(BaseModel):
     idempotency_key: str | None = Field(default=None, max_length=255)
     tags: dict[str, str] = Field(default_factory=dict)
     request_id: str = Field(default_factory=new_request_id, min_length=1, max_length=255)
+    webhook: str | None = Field(
+        default=None, min_length=1, max_length=8192,
+        description="An http(s) URL the server POSTs the job's envelope to when it ends, signed per Standard "
+        "Webhooks (webhook-id, webhook-timestamp, webhook-signature). Loopback, private and metadata "
+        "addresses are refused unless the server allows them.",
+    )
+    webhook_events: list[Literal["progress"]] = Field(
+        default_factory=list, max_length=1,
+        description="Also POST progress updates (best effort, rate-limited) to the webhook",
+    )
 
     @field_validator("workflow", mode="before")
     @classmethod

@@ -247,6 +247,7 @@ export interface components {
              * @default 0
              */
             version: number;
+            webhook?: components["schemas"]["WebhookDelivery"] | null;
         };
         /** JobResult */
         JobResult: {
@@ -381,6 +382,16 @@ export interface components {
              */
             timeout?: number | null;
             /**
+             * Webhook
+             * @description An http(s) URL the server POSTs the job's envelope to when it ends, signed per Standard Webhooks (webhook-id, webhook-timestamp, webhook-signature). Loopback, private and metadata addresses are refused unless the server allows them.
+             */
+            webhook?: string | null;
+            /**
+             * Webhook Events
+             * @description Also POST progress updates (best effort, rate-limited) to the webhook
+             */
+            webhook_events?: "progress"[];
+            /**
              * Workflow
              * @description An API-format graph: node id -> node
              */
@@ -409,6 +420,36 @@ export interface components {
             total_s?: number | null;
             /** Upload S */
             upload_s?: number | null;
+        };
+        /**
+         * WebhookDelivery
+         * @description A job's webhook delivery, as the job's envelope shows it.
+         */
+        WebhookDelivery: {
+            /**
+             * Attempts
+             * @default 0
+             */
+            attempts: number;
+            /** Delivered At */
+            delivered_at?: number | null;
+            /** Events */
+            events?: string[];
+            /** Last Error */
+            last_error?: string | null;
+            /** Last Status */
+            last_status?: number | null;
+            /** Next Attempt At */
+            next_attempt_at?: number | null;
+            /**
+             * State
+             * @enum {string}
+             */
+            state: "waiting" | "pending" | "delivered" | "failed";
+            /** Url */
+            url: string;
+            /** Webhook Id */
+            webhook_id: string;
         };
         /**
          * WireInput

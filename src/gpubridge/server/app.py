@@ -49,10 +49,27 @@ from gpubridge.errors import (
 )
 from gpubridge.models import MAX_JOB_TIMEOUT, HealthReport, JobRequest, RemoteJobRequest
 
+from gpubridge.config import WebhookSettings
+
 from .backend import JobBackend
+from .webhooks import WebhookDispatcher
 from .schema import ErrorBody, JobEnvelope, error_dict, error_headers, fingerprint, http_status
 
 __all__ = ["create_app"]
+
+
+def _dispatcher(backend: JobBackend, settings: WebhookSettings) -> WebhookDispatcher:
+    """Webhooks for ``backend``'s jobs: the payload is the job's envelope (without its delivery state, so
+    every attempt sends the same body)."""
+
+    async def load(job_id: str) -> tuple[bytes, bool]:
+        env = await backend.get(job_id)
+        return env.model_dump_json(exclude={"webhook"}).encode(), env.terminal
+
+    async def wait(job_id: str, after: int | None, seconds: float) -> int:
+        return (await backend.get(job_id, wait=seconds, after=after)).version
+
+    return WebhookDispatcher(backend.store, settings, loaders={"v1": load}, wait=wait, provider=backend.provider)
 
 def _err(description: str) -> dict[str, Any]:
     return {"model": ErrorBody, "description": description}
@@ -166,6 +183,7 @@ def create_app(
     max_timeout: float = MAX_JOB_TIMEOUT,
     public_docs: bool = False,
     title: str = "gpubridge job API",
+    webhooks: WebhookSettings | None = None,
 ) -> FastAPI:
     """The job API over ``backend``.
 
@@ -175,6 +193,8 @@ def create_app(
     checks Modal-Key/Modal-Secret before requests arrive, so no token is needed. Without tokens, proxy
     auth or ``allow_anonymous`` every request is refused (fail closed). ``/openapi.json`` and ``/docs``
     take the same auth unless ``public_docs``. ``max_timeout`` caps a job's ``timeout`` (422 above it).
+    ``webhooks``: how job webhooks are signed and delivered (:mod:`gpubridge.server.webhooks`); without it a
+    job that asks for one is refused (422).
     """
     if isinstance(tokens, str):
         tokens = [t.strip() for t in tokens.split(",")]
@@ -203,12 +223,20 @@ def create_app(
             )
         return "token:" + hashlib.sha256(given).hexdigest()
 
+    dispatcher = _dispatcher(backend, webhooks) if webhooks is not None else None
+
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         try:
+            if dispatcher is not None:
+                await dispatcher.start()
             yield
         finally:
-            await backend.aclose()
+            try:
+                if dispatcher is not None:
+                    await dispatcher.aclose()
+            finally:
+                await backend.aclose()
 
     app = FastAPI(
         title=title,
@@ -221,6 +249,30 @@ def create_app(
         redoc_url=None,
     )
     app.state.backend = backend
+    app.state.webhooks = dispatcher
+
+    async def _accept_webhook(request: RemoteJobRequest) -> None:
+        """Refuse a webhook this job may not use before anything runs."""
+        if request.webhook is None:
+            return
+        if dispatcher is None:
+            raise InvalidRequest(
+                "This server sends no webhooks (it has no webhook configuration); leave out 'webhook'",
+                provider=backend.provider,
+            )
+        await dispatcher.check(request.webhook)
+
+    async def _register_webhook(request: RemoteJobRequest, env: JobEnvelope) -> JobEnvelope:
+        if request.webhook is None or dispatcher is None:
+            return env
+        await dispatcher.register(env.job_id, request.webhook, events=request.webhook_events)
+        return await _with_webhook(env)
+
+    async def _with_webhook(env: JobEnvelope) -> JobEnvelope:
+        if dispatcher is None:
+            return env
+        delivery = await dispatcher.status(env.job_id)
+        return env.model_copy(update={"webhook": delivery}) if delivery is not None else env
 
     @app.exception_handler(GpuBridgeError)
     async def _gpubridge_error(_request: Request, exc: GpuBridgeError) -> JSONResponse:
@@ -320,9 +372,11 @@ def create_app(
         ] = None,
     ) -> Response:
         body = request.model_dump(mode="json", exclude={"request_id"})
+        await _accept_webhook(request)
         env, created = await backend.submit_idempotent(
             _job_request(request), idempotency_key, scope=scope, fingerprint=fingerprint(body)
         )
+        env = await _register_webhook(request, env)
         return _json(env, 202 if created else 200, {"Location": f"/v1/jobs/{env.job_id}"})
 
     @app.get(
@@ -344,7 +398,7 @@ def create_app(
             Query(ge=-1, le=2**53, description="Answer once the job's version passes this"),
         ] = None,
     ) -> Response:
-        return _json(await backend.get(job_id, wait=_clamp(wait, max_wait), after=after))
+        return _json(await _with_webhook(await backend.get(job_id, wait=_clamp(wait, max_wait), after=after)))
 
     @app.post(
         "/v1/jobs/{job_id}/cancel",
@@ -386,10 +440,11 @@ def create_app(
             Query(gt=0, allow_inf_nan=False, description=f"Seconds to wait (max {sync_timeout:g})"),
         ] = None,
     ) -> Response:
-        env = await backend.submit(_job_request(request))
+        await _accept_webhook(request)
+        env = await _register_webhook(request, await backend.submit(_job_request(request)))
         budget = _clamp(timeout if timeout is not None else sync_timeout, sync_timeout)
         if not env.terminal:
-            env = await backend.get(env.job_id, wait=budget)
+            env = await _with_webhook(await backend.get(env.job_id, wait=budget))
         if env.terminal:
             return _json(env)
         return _json(env, 202, {"Location": f"/v1/jobs/{env.job_id}"})

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -112,6 +112,23 @@ class JobRecord(BaseModel):
         return self.model_dump(mode="json")
 
 
+class WebhookDelivery(BaseModel):
+    """A job's webhook delivery, as the job's envelope shows it."""
+
+    url: str
+    """The target, shown without credentials or query."""
+    state: Literal["waiting", "pending", "delivered", "failed"]
+    """``waiting`` for the job to end, ``pending`` (an attempt is due), ``delivered`` or ``failed`` (gave up)."""
+    webhook_id: str
+    """The ``webhook-id`` header of every attempt of this delivery: receivers dedupe on it."""
+    attempts: int = 0
+    last_status: int | None = None
+    last_error: str | None = None
+    delivered_at: float | None = None
+    next_attempt_at: float | None = None
+    events: list[str] = Field(default_factory=list)
+
+
 class JobEnvelope(BaseModel):
     """A job as the API returns it: its status, and its result or error once it ended."""
 
@@ -123,6 +140,8 @@ class JobEnvelope(BaseModel):
     status: JobStatus
     result: JobResult | None = None
     error: dict[str, Any] | None = None
+    webhook: WebhookDelivery | None = None
+    """The job's webhook delivery, when it asked for one."""
 
     @classmethod
     def of(cls, record: JobRecord, provider: str, result: JobResult | None = None) -> JobEnvelope:

@@ -38,6 +38,10 @@ class JobStore(abc.ABC):
     async def delete(self, key: str) -> None:
         """Remove ``key`` (no error when it is absent)."""
 
+    async def keys(self, prefix: str) -> list[str]:
+        """Every key that starts with ``prefix`` (stores that cannot list raise NotImplementedError)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot list its keys")
+
     async def wait_changed(self, key: str, version: int, timeout: float) -> None:
         """Return when the record at ``key`` passes ``version``, or after ``timeout`` seconds.
 
@@ -81,6 +85,9 @@ class MemoryStore(JobStore):
 
     async def delete(self, key: str) -> None:
         self.data.pop(key, None)
+
+    async def keys(self, prefix: str) -> list[str]:
+        return [k for k in self.data if k.startswith(prefix)]
 
     async def wait_changed(self, key: str, version: int, timeout: float) -> None:
         def passed() -> bool:
