@@ -21,7 +21,7 @@ LAYERS = {
     "providers": 2,
     "resilience": 3, "shadow": 3,
     "server": 4, "connect": 4, "testing": 4,
-    "cli": 5, "cli_models": 5, "cli_shadow": 5,
+    "cli": 5, "cli_models": 5, "cli_shadow": 5, "cli_serve": 5,
 }
 FORBIDDEN_SIDEWAYS = {("resilience", "shadow"), ("shadow", "resilience"), ("resilience", "providers"),
                       ("shadow", "providers")}

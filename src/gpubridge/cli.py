@@ -24,6 +24,7 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 from rich.table import Table
 
 from .cli_models import models_app
+from .cli_serve import register as register_serve
 from .cli_shadow import shadow_app
 from .config import Settings
 from .errors import (
@@ -51,6 +52,7 @@ testing_app = typer.Typer(help="Test doubles that serve real protocols on loopba
 app.add_typer(testing_app, name="testing")
 app.add_typer(shadow_app, name="shadow")
 app.add_typer(models_app, name="models")
+register_serve(app)
 
 err = Console(stderr=True, highlight=False)
 out = Console(highlight=False, soft_wrap=True)

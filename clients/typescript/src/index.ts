@@ -195,6 +195,7 @@ export class GpuBridge {
    */
   async run(workflow: Workflow, options: RunOptions & { signal?: AbortSignal } = {}): Promise<JobResult> {
     const submitted = await this.submit(workflow, options);
+    options.onUpdate?.(submitted);
     let env: JobEnvelope;
     try {
       env = isTerminal(submitted.status.state)

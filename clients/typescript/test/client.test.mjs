@@ -95,7 +95,7 @@ describe("cancel and timeouts", () => {
       const env = await gb.submit(workflow());
       // Wait until the held node runs, then cancel.
       let current = env;
-      while (current.status.state !== "running") current = await gb.status(env.job_id, { wait: 5, after: current.version });
+      while (current.status.state === "queued") current = await gb.status(env.job_id, { wait: 5, after: current.version });
       const cancelled = await gb.cancel(env.job_id);
       const final = cancelled.status.state === "cancelled" ? cancelled : await gb.wait(env.job_id);
       assert.equal(final.status.state, "cancelled");

@@ -228,6 +228,7 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         try:
+            await backend.start()
             if dispatcher is not None:
                 await dispatcher.start()
             yield

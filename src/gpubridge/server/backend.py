@@ -150,5 +150,8 @@ class JobBackend(abc.ABC):
     @abc.abstractmethod
     async def health(self, *, deep: bool = False) -> HealthReport: ...
 
+    async def start(self) -> None:
+        """Called once when the server starts (adopt jobs a previous run left, start background work)."""
+
     async def aclose(self) -> None:
         """Release resources."""

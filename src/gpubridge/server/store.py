@@ -48,6 +48,9 @@ class JobStore(abc.ABC):
         Stores that cannot notify return at once; callers then pace themselves.
         """
 
+    async def aclose(self) -> None:
+        """Release connections (the default store holds none)."""
+
     async def record(self, job_id: str) -> JobRecord | None:
         raw = await self.get(record_key(job_id))
         return JobRecord.model_validate(raw) if raw is not None else None
