@@ -36,8 +36,6 @@ environment.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import json
 import logging
@@ -60,12 +58,10 @@ from gpubridge.errors import (
     JobFailed,
     JobTimeout,
     ProviderUnavailable,
-    WorkflowError,
-    WorkflowInputError,
     WorkflowInvalid,
 )
-from gpubridge.fetch import parse_url
-from gpubridge.models import Artifact, ArtifactKind, EventType, InputFile, JobResult, Workflow
+from gpubridge.models import Artifact, ArtifactKind, EventType, JobResult
+from gpubridge.server.runpod_shapes import InputError, file_entry, output_of, parse_input
 
 __all__ = ["handler", "init", "configure", "aclose", "WorkerConfig", "Worker", "parse_input"]
 
@@ -78,13 +74,6 @@ try:
 except Exception:  # pragma: no cover - not installed as a distribution
     GPUBRIDGE_VERSION = "unknown"
 
-_KIND_KEY = {
-    ArtifactKind.IMAGE: "images",
-    ArtifactKind.ANIMATION: "gifs",
-    ArtifactKind.VIDEO: "videos",
-    ArtifactKind.AUDIO: "audio",
-    ArtifactKind.FILE: "files",
-}
 
 
 def _env_float(name: str, default: float | None) -> float | None:
@@ -136,98 +125,6 @@ class WorkerConfig:
 
 
 # ------------------------------------------------------------------------------------------------ input
-
-
-class InputError(Exception):
-    """The job input is unusable (worker-comfyui's messages)."""
-
-    def __init__(self, message: str, errors: list[str] | None = None, exception_type: str = "WorkflowInputError"):
-        super().__init__(message)
-        self.message = message
-        self.errors = errors or []
-        self.exception_type = exception_type
-
-
-@dataclass
-class JobInput:
-    workflow: dict[str, Any]
-    images: dict[str, InputFile]
-    comfy_org_api_key: str | None = None
-    timeout: float | None = None
-
-
-def parse_input(raw: Any) -> JobInput:
-    """Validate worker-comfyui's input shape (same messages), decoding the images."""
-    if raw is None or raw == "":
-        raise InputError("Please provide input")
-    if isinstance(raw, str):
-        try:
-            raw = json.loads(raw)
-        except ValueError:
-            raise InputError("Invalid JSON format in input") from None
-    if not isinstance(raw, Mapping):
-        raise InputError("Invalid JSON format in input")
-    workflow = raw.get("workflow")
-    if workflow is None:
-        raise InputError("Missing 'workflow' parameter", exception_type="WorkflowFormatError")
-    try:
-        workflow = Workflow.model_validate(workflow).to_api()
-    except WorkflowError as exc:
-        raise InputError(str(exc), exception_type=type(exc).__name__) from None
-    except Exception as exc:  # pydantic ValidationError wrapping our error
-        raise InputError(f"Invalid workflow: {exc}", exception_type="WorkflowFormatError") from None
-    images_raw = raw.get("images")
-    images: dict[str, InputFile] = {}
-    if images_raw is not None:
-        if not isinstance(images_raw, list) or not all(
-            isinstance(i, Mapping) and "name" in i and "image" in i for i in images_raw
-        ):
-            raise InputError("'images' must be a list of objects with 'name' and 'image' keys")
-        errors = []
-        for item in images_raw:
-            name, value = str(item["name"]), item["image"]
-            try:
-                images[name] = _decode_image(name, value)
-            except _BadUrl as exc:
-                errors.append(str(exc))
-            except ValueError as exc:
-                errors.append(f"Error decoding base64 for {name}: {exc}")
-        if errors:
-            raise InputError("Failed to upload one or more input images", errors)
-    gb = raw.get("gpubridge") if isinstance(raw.get("gpubridge"), Mapping) else {}
-    timeout = raw.get("timeout", gb.get("timeout"))
-    return JobInput(
-        workflow=workflow,
-        images=images,
-        comfy_org_api_key=raw.get("comfy_org_api_key") or None,
-        timeout=float(timeout) if isinstance(timeout, (int, float)) and timeout > 0 else None,
-    )
-
-
-class _BadUrl(ValueError):
-    pass
-
-
-def _decode_image(name: str, value: Any) -> InputFile:
-    if not isinstance(value, str) or not value:
-        raise ValueError("the image must be a base64 string, a data URI or a URL")
-    if value.startswith(("http://", "https://")):
-        # Syntax checked here; the address, size, time and type when it is fetched (gpubridge.fetch,
-        # configured by GPUBRIDGE_FETCH_*: private and loopback addresses are refused unless allowed).
-        try:
-            parse_url(value, f"image {name!r}")
-        except WorkflowInputError as exc:
-            raise _BadUrl(str(exc)) from None
-        return InputFile(url=value)
-    if value.startswith("data:") or "," in value[:100]:
-        value = value.split(",", 1)[1]  # worker-comfyui: strip any data URI prefix
-    try:
-        data = base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise ValueError(str(exc)) from None
-    if not data:
-        raise ValueError("empty image")
-    return InputFile(data=data)
 
 
 # ----------------------------------------------------------------------------------------------- worker
@@ -406,22 +303,12 @@ class Worker:
 
     async def _output(self, job: Mapping[str, Any], result: JobResult, t0: float) -> dict[str, Any]:
         t_enc = time.perf_counter()
-        out: dict[str, Any] = {"images": []}
-        texts = []
-        for index, art in enumerate(result.artifacts):
-            if art.kind is ArtifactKind.TEXT:
-                texts.append({"node_id": art.node_id, "text": art.text or ""})
-                continue
-            entry = await self._file_entry(str(job.get("id", "job")), art, index)
-            out.setdefault(_KIND_KEY.get(art.kind, "files"), []).append(entry)
-        if texts:
-            out["text"] = texts
-        if result.warnings:
-            out["errors"] = list(result.warnings)
-        if not any(out.get(k) for k in _KIND_KEY.values()) and not texts and not result.warnings:
-            out["status"] = "success_no_images"  # worker-comfyui's marker
+        entries = [
+            (art, await self._file_entry(str(job.get("id", "job")), art, index))
+            for index, art in enumerate(result.artifacts) if art.kind is not ArtifactKind.TEXT
+        ]
         t = result.timings
-        out["timings"] = {
+        timings = {
             "queued_s": t.queued_s,
             "executing_s": t.executing_s,
             "upload_s": t.upload_s,
@@ -429,29 +316,14 @@ class Worker:
             "encode_s": round(time.perf_counter() - t_enc, 6),
             "total_s": round(time.perf_counter() - t0, 6),
         }
-        out["gpubridge"] = {
-            "version": GPUBRIDGE_VERSION,
-            "prompt_id": result.job_id,
-            "outputs": result.outputs,
-            "warnings": list(result.warnings),
-        }
-        return out
+        return output_of(result, version=GPUBRIDGE_VERSION, entries=entries, timings=timings)
 
     async def _file_entry(self, job_id: str, art: Artifact, index: int) -> dict[str, Any]:
-        filename = art.filename or f"node{art.node_id}_{index}{_ext(art.mime_type)}"
-        entry: dict[str, Any] = {"filename": filename, "type": "base64", "data": ""}
         if self.config.bucket_endpoint_url and art.data is not None:
-            entry["type"], entry["data"] = "s3_url", await asyncio.to_thread(_upload, job_id, filename, art.data)
-        elif art.data is not None:
-            entry["data"] = base64.b64encode(art.data).decode("ascii")
-        entry.update(node_id=art.node_id, mime_type=art.mime_type)
-        if art.subfolder:
-            entry["subfolder"] = art.subfolder
-        if art.width and art.height:
-            entry["width"], entry["height"] = art.width, art.height
-        if art.size is not None:
-            entry["size"] = art.size
-        return entry
+            filename = file_entry(art, index, data="")["filename"]
+            url = await asyncio.to_thread(_upload, job_id, filename, art.data)
+            return file_entry(art, index, data=url, type_="s3_url")
+        return file_entry(art, index)
 
 
 def send_progress(job: dict[str, Any], payload: Any) -> None:
@@ -473,12 +345,6 @@ def _upload(job_id: str, filename: str, data: bytes) -> str:
         path = Path(tmp) / Path(filename).name
         path.write_bytes(data)
         return rp_upload.upload_image(job_id, str(path))
-
-
-def _ext(mime: str | None) -> str:
-    import mimetypes
-
-    return (mimetypes.guess_extension(mime or "") or ".bin") if mime else ".bin"
 
 
 def _dead(exc: BaseException) -> dict[str, Any]:

@@ -184,6 +184,8 @@ def create_app(
     public_docs: bool = False,
     title: str = "gpubridge job API",
     webhooks: WebhookSettings | None = None,
+    runpod_endpoints: Sequence[str] | None = None,
+    runpod_sync_wait: float = 90.0,
 ) -> FastAPI:
     """The job API over ``backend``.
 
@@ -194,7 +196,9 @@ def create_app(
     auth or ``allow_anonymous`` every request is refused (fail closed). ``/openapi.json`` and ``/docs``
     take the same auth unless ``public_docs``. ``max_timeout`` caps a job's ``timeout`` (422 above it).
     ``webhooks``: how job webhooks are signed and delivered (:mod:`gpubridge.server.webhooks`); without it a
-    job that asks for one is refused (422).
+    job that asks for one is refused (422). ``runpod_endpoints``: serve RunPod's serverless API under
+    ``/v2/{id}/`` for these endpoint ids (:mod:`gpubridge.server.runpod_facade`); ``runpod_sync_wait``:
+    how long its ``runsync`` waits before answering with the job still running.
     """
     if isinstance(tokens, str):
         tokens = [t.strip() for t in tokens.split(",")]
@@ -207,13 +211,16 @@ def create_app(
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
     ) -> str:
         """The caller's scope for idempotency keys: a hash of its token (never the token itself)."""
+        return check_token(credentials.credentials if credentials else "")
+
+    def check_token(token: str) -> str:
         if not secrets:
             if proxy_auth or allow_anonymous:
                 return "anonymous"
             raise AuthError(
                 "This server has no API token configured and refuses every request", provider=backend.provider
             )
-        given = (credentials.credentials if credentials else "").encode()
+        given = token.encode()
         ok = False
         for secret in secrets:  # compare with every token, in constant time
             ok |= hmac.compare_digest(given, secret)
@@ -463,5 +470,37 @@ def create_app(
         report = await backend.health(deep=deep)
         return _json(report, 200 if report.ok else 503)
 
+    if runpod_endpoints:
+        from .runpod_facade import add_runpod_facade
+
+        async def accept_runpod_webhook(url: str) -> None:
+            if dispatcher is None:
+                raise InvalidRequest(
+                    "This gateway sends no webhooks (it has no webhook configuration); leave out 'webhook'",
+                    provider=backend.provider,
+                )
+            await dispatcher.check(url)
+
+        async def register_runpod_webhook(job_id: str, url: str) -> None:
+            if dispatcher is not None:
+                await dispatcher.register(job_id, url, fmt="runpod")
+
+        load = add_runpod_facade(
+            app, backend, endpoints=list(runpod_endpoints), check_token=check_token,
+            accept_webhook=accept_runpod_webhook, register_webhook=register_runpod_webhook,
+            version=_version(), max_timeout=max_timeout, sync_wait=min(runpod_sync_wait, sync_timeout),
+        )
+        if dispatcher is not None:
+            dispatcher.loaders["runpod"] = load
+
     app.add_middleware(_BodyLimit, limit=max_body_bytes, provider=backend.provider)
     return app
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("gpubridge")
+    except Exception:  # pragma: no cover - not installed as a distribution
+        return "unknown"

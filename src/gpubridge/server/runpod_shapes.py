@@ -1,0 +1,212 @@
+"""RunPod's serverless wire shapes, as worker-comfyui speaks them: the job ``input``, the worker's output and
+its errors, and RunPod's job status body. Shared by the gateway's RunPod facade and the RunPod worker
+(``contrib/runpod_worker``), so both read and write exactly the same JSON.
+
+Input (worker-comfyui's)::
+
+    {"workflow": {<API-format graph>}, "images": [{"name": "face.png", "image": "<base64, data URI or URL>"}],
+     "comfy_org_api_key": "...", "timeout": 300}          # the last two optional
+
+Output: ``{"images": [{"filename", "type": "base64", "data", "node_id", "mime_type", "width", "height"}], ...}``
+(see :func:`output_of`). Status: ``{"id", "status", "delayTime", "executionTime", "output" | "error"}``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import mimetypes
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from gpubridge.errors import WorkflowError, WorkflowInputError
+from gpubridge.fetch import parse_url
+from gpubridge.models import Artifact, ArtifactKind, InputFile, JobResult, JobState, Workflow
+
+__all__ = [
+    "InputError", "JobInput", "parse_input", "decode_image", "KIND_KEY", "ext", "file_entry", "output_of",
+    "failure_of", "RUNPOD_STATES",
+]
+
+KIND_KEY = {
+    ArtifactKind.IMAGE: "images",
+    ArtifactKind.ANIMATION: "gifs",
+    ArtifactKind.VIDEO: "videos",
+    ArtifactKind.AUDIO: "audio",
+    ArtifactKind.FILE: "files",
+}
+
+RUNPOD_STATES = {
+    JobState.QUEUED: "IN_QUEUE",
+    JobState.RUNNING: "IN_PROGRESS",
+    JobState.SUCCEEDED: "COMPLETED",
+    JobState.FAILED: "FAILED",
+    JobState.CANCELLED: "CANCELLED",
+    JobState.TIMED_OUT: "TIMED_OUT",
+}
+
+
+class InputError(Exception):
+    """The job input is unusable (worker-comfyui's messages). ``exception_type``: the gpubridge error type."""
+
+    def __init__(self, message: str, errors: list[str] | None = None, exception_type: str = "WorkflowInputError"):
+        super().__init__(message)
+        self.message = message
+        self.errors = errors or []
+        self.exception_type = exception_type
+
+
+@dataclass
+class JobInput:
+    workflow: dict[str, Any]
+    images: dict[str, InputFile]
+    comfy_org_api_key: str | None = None
+    timeout: float | None = None
+
+
+class _BadUrl(ValueError):
+    pass
+
+
+def parse_input(raw: Any) -> JobInput:
+    """Validate worker-comfyui's input shape (same messages), decoding the images."""
+    if raw is None or raw == "":
+        raise InputError("Please provide input")
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except ValueError:
+            raise InputError("Invalid JSON format in input") from None
+    if not isinstance(raw, Mapping):
+        raise InputError("Invalid JSON format in input")
+    workflow = raw.get("workflow")
+    if workflow is None:
+        raise InputError("Missing 'workflow' parameter", exception_type="WorkflowFormatError")
+    try:
+        workflow = Workflow.model_validate(workflow).to_api()
+    except WorkflowError as exc:
+        raise InputError(str(exc), exception_type=type(exc).__name__) from None
+    except Exception as exc:  # pydantic ValidationError wrapping our error
+        raise InputError(f"Invalid workflow: {exc}", exception_type="WorkflowFormatError") from None
+    images_raw = raw.get("images")
+    images: dict[str, InputFile] = {}
+    if images_raw is not None:
+        if not isinstance(images_raw, list) or not all(
+            isinstance(i, Mapping) and "name" in i and "image" in i for i in images_raw
+        ):
+            raise InputError("'images' must be a list of objects with 'name' and 'image' keys")
+        errors = []
+        for item in images_raw:
+            name, value = str(item["name"]), item["image"]
+            try:
+                images[name] = decode_image(name, value)
+            except _BadUrl as exc:
+                errors.append(str(exc))
+            except ValueError as exc:
+                errors.append(f"Error decoding base64 for {name}: {exc}")
+        if errors:
+            raise InputError("Failed to upload one or more input images", errors)
+    gb = raw.get("gpubridge") if isinstance(raw.get("gpubridge"), Mapping) else {}
+    timeout = raw.get("timeout", gb.get("timeout"))
+    key = raw.get("comfy_org_api_key")
+    return JobInput(
+        workflow=workflow,
+        images=images,
+        comfy_org_api_key=key if isinstance(key, str) and key else None,
+        timeout=float(timeout) if isinstance(timeout, (int, float)) and not isinstance(timeout, bool)
+        and timeout > 0 else None,
+    )
+
+
+def decode_image(name: str, value: Any) -> InputFile:
+    """An ``images[].image``: base64 (optionally a data URI) or an http(s) URL (a gpubridge extension)."""
+    if not isinstance(value, str) or not value:
+        raise ValueError("the image must be a base64 string, a data URI or a URL")
+    if value.startswith(("http://", "https://")):
+        # Syntax checked here; the address, size, time and type when it is fetched (gpubridge.fetch,
+        # configured by GPUBRIDGE_FETCH_*: private and loopback addresses are refused unless allowed).
+        try:
+            parse_url(value, f"image {name!r}")
+        except WorkflowInputError as exc:
+            raise _BadUrl(str(exc)) from None
+        return InputFile(url=value)
+    if value.startswith("data:") or "," in value[:100]:
+        value = value.split(",", 1)[1]  # worker-comfyui: strip any data URI prefix
+    try:
+        data = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ValueError(str(exc)) from None
+    if not data:
+        raise ValueError("empty image")
+    return InputFile(data=data)
+
+
+def ext(mime: str | None) -> str:
+    return (mimetypes.guess_extension(mime or "") or ".bin") if mime else ".bin"
+
+
+def file_entry(art: Artifact, index: int, *, data: str | None = None, type_: str = "base64") -> dict[str, Any]:
+    """One output file, worker-comfyui's shape; ``data`` defaults to the artifact's bytes in base64."""
+    filename = art.filename or f"node{art.node_id}_{index}{ext(art.mime_type)}"
+    if data is None:
+        data = base64.b64encode(art.data).decode("ascii") if art.data is not None else ""
+    entry: dict[str, Any] = {"filename": filename, "type": type_, "data": data,
+                             "node_id": art.node_id, "mime_type": art.mime_type}
+    if art.subfolder:
+        entry["subfolder"] = art.subfolder
+    if art.width and art.height:
+        entry["width"], entry["height"] = art.width, art.height
+    if art.size is not None:
+        entry["size"] = art.size
+    return entry
+
+
+def output_of(result: JobResult, *, version: str, entries: list[tuple[Artifact, dict[str, Any]]] | None = None,
+              timings: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """A successful job's output in worker-comfyui's shape, extended with gpubridge's fields. ``entries``:
+    the file entries already built (e.g. uploaded to a bucket); by default every artifact inline."""
+    if entries is None:
+        entries = [(a, file_entry(a, i)) for i, a in enumerate(result.artifacts) if a.kind is not ArtifactKind.TEXT]
+    out: dict[str, Any] = {"images": []}
+    for art, entry in entries:
+        out.setdefault(KIND_KEY.get(art.kind, "files"), []).append(entry)
+    texts = [{"node_id": a.node_id, "text": a.text or ""} for a in result.artifacts if a.kind is ArtifactKind.TEXT]
+    if texts:
+        out["text"] = texts
+    if result.warnings:
+        out["errors"] = list(result.warnings)
+    if not any(out.get(k) for k in KIND_KEY.values()) and not texts and not result.warnings:
+        out["status"] = "success_no_images"  # worker-comfyui's marker
+    t = result.timings
+    out["timings"] = dict(timings) if timings is not None else {
+        "queued_s": t.queued_s, "executing_s": t.executing_s, "upload_s": t.upload_s,
+        "download_s": t.download_s,
+    }
+    out["gpubridge"] = {"version": version, "prompt_id": result.job_id, "outputs": result.outputs,
+                        "warnings": list(result.warnings)}
+    return out
+
+
+def failure_of(error: Mapping[str, Any]) -> dict[str, Any]:
+    """A failed job's ``{"error", "details"}`` from gpubridge's error dict (``error_dict``): worker-comfyui's
+    texts where it has one, the typed fields in ``details`` so RunPod clients (gpubridge's too) lose nothing."""
+    kind = str(error.get("type") or "JobFailed")
+    message = str(error.get("message") or "the job failed")
+    details: dict[str, Any] = {"exception_type": error.get("exception_type") or kind, "exception_message": message,
+                               "gpubridge_error": dict(error)}
+    node_id, node_type = error.get("node_id"), error.get("node_type")
+    if node_id is not None:
+        details.update(node=node_id, node_id=node_id, node_type=node_type,
+                       exception_message=error.get("exception_message") or message)
+        if error.get("traceback"):
+            details["traceback"] = error["traceback"]
+        text = (f"Workflow execution error: Node Type: {node_type}, Node ID: {node_id}, "
+                f"Message: {details['exception_message']}")
+        return {"error": text, "details": details}
+    if kind == "WorkflowInvalid":
+        return {"error": f"Workflow validation failed:\n{message}", "details": details}
+    if kind in ("ProviderUnavailable", "WorkerLost") or error.get("retryable"):
+        details["worker_failure"] = True
+    return {"error": message, "details": details}
