@@ -80,9 +80,10 @@ def build_gateway(
         drain=drain,
         close_store=True,
     )
-    options: dict[str, Any] = {}
-    if runpod_endpoints:
-        options["runpod_endpoints"] = runpod_endpoints
+    from gpubridge.server.metrics import GatewayMetrics
+
+    metrics = GatewayMetrics(backend.runner, active=backend._active)
+    backend.on_finish = metrics.job_finished
     return create_app(
         backend,
         tokens=tokens,
@@ -91,7 +92,8 @@ def build_gateway(
         public_docs=public_docs,
         title="gpubridge gateway",
         webhooks=WebhookSettings.load(config),
-        **options,
+        runpod_endpoints=runpod_endpoints or None,
+        metrics=metrics,
     )
 
 

@@ -186,6 +186,7 @@ def create_app(
     webhooks: WebhookSettings | None = None,
     runpod_endpoints: Sequence[str] | None = None,
     runpod_sync_wait: float = 90.0,
+    metrics: Any = None,
 ) -> FastAPI:
     """The job API over ``backend``.
 
@@ -198,7 +199,8 @@ def create_app(
     ``webhooks``: how job webhooks are signed and delivered (:mod:`gpubridge.server.webhooks`); without it a
     job that asks for one is refused (422). ``runpod_endpoints``: serve RunPod's serverless API under
     ``/v2/{id}/`` for these endpoint ids (:mod:`gpubridge.server.runpod_facade`); ``runpod_sync_wait``:
-    how long its ``runsync`` waits before answering with the job still running.
+    how long its ``runsync`` waits before answering with the job still running. ``metrics``: a
+    :class:`~gpubridge.server.metrics.GatewayMetrics`, served at ``GET /metrics`` (same auth).
     """
     if isinstance(tokens, str):
         tokens = [t.strip() for t in tokens.split(",")]
@@ -231,6 +233,8 @@ def create_app(
         return "token:" + hashlib.sha256(given).hexdigest()
 
     dispatcher = _dispatcher(backend, webhooks) if webhooks is not None else None
+    if dispatcher is not None and metrics is not None:
+        dispatcher.on_attempt = metrics.webhook_attempt
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -469,6 +473,16 @@ def create_app(
     ) -> Response:
         report = await backend.health(deep=deep)
         return _json(report, 200 if report.ok else 503)
+
+    if metrics is not None:
+        from .metrics import CONTENT_TYPE_LATEST
+
+        @app.get("/metrics", dependencies=v1, response_class=Response, summary="Prometheus metrics",
+                 operation_id="metrics", responses={**_E401, **_E500, 200: {
+                     "content": {"text/plain": {"schema": {"type": "string"}}},
+                     "description": "Prometheus text format"}})
+        async def prometheus_metrics() -> Response:
+            return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     if runpod_endpoints:
         from .runpod_facade import add_runpod_facade

@@ -99,6 +99,7 @@ class RunnerBackend(JobBackend):
         result_cache: int = 256,
         drain: float = 0.0,
         close_store: bool = False,
+        on_finish: Callable[[JobRecord, str | None], None] | None = None,
     ):
         self.runner = runner
         self.store = store
@@ -123,6 +124,7 @@ class RunnerBackend(JobBackend):
         self._closed = False
         self.drain_timeout = drain
         self._close_store = close_store
+        self.on_finish = on_finish
 
     # ------------------------------------------------------------------------------------------ lifecycle
 
@@ -376,7 +378,7 @@ class RunnerBackend(JobBackend):
         result = result.model_copy(update={"job_id": job_id})
         await self.store.put(result_key(job_id), {"json": result.model_dump_json()})
         self._cache(job_id, result)
-        await self._finish(job_id, JobState.SUCCEEDED, None, None)
+        await self._finish(job_id, JobState.SUCCEEDED, None, None, served_by=result.provider)
 
     async def _settle(self, job_id: str, exc: BaseException) -> None:
         if isinstance(exc, GpuBridgeError):
@@ -389,15 +391,22 @@ class RunnerBackend(JobBackend):
             message = error["message"]
         await self._finish(job_id, _state_of(exc), error, str(message))
 
-    async def _finish(self, job_id: str, state: JobState, error: dict[str, Any] | None, message: str | None) -> None:
+    async def _finish(self, job_id: str, state: JobState, error: dict[str, Any] | None, message: str | None,
+                      served_by: str | None = None) -> None:
         current = await self.store.record(job_id)
         if current is None or current.state.is_terminal:
             return
-        await self.store.save(current.bump(state=state, finished_at=self.clock(), error=error, message=message,
-                                           progress=None))
+        final = current.bump(state=state, finished_at=self.clock(), error=error, message=message, progress=None)
+        await self.store.save(final)
         await self.store.delete(run_key(job_id))
         self._handles.pop(job_id, None)
         self._cancelled.discard(job_id)
+        if self.on_finish is not None:
+            served = served_by or (error or {}).get("provider") or self.provider
+            try:
+                self.on_finish(final, served)
+            except Exception:
+                log.exception("on_finish callback failed")
 
     # ------------------------------------------------------------------------------------------- queries
 
