@@ -14,6 +14,8 @@ Sections (``--only`` takes their names):
 - ``shadow``: primary-path latency with shadow traffic at 100 % against without.
 - ``url_input``: peak RSS of the job API while a 400 MB URL input is refused (bound +80 MB).
 - ``jobapi``: the job API's RSS after 200 jobs of 1 MB outputs against after 20 (bound +30 MB).
+- ``gateway``: ``gpubridge serve`` (POST /v1/run) against the same runner in-process, p50 (bound +2 ms),
+  and the gateway's CPU per job with 500 jobs at once.
 
 Every server (ComfyUI double, Modal job API, RunPod endpoint double) runs in a process of its own, so this
 process's CPU time is the client's. ``--comfy-url`` points ``overhead`` and ``paths`` at a running ComfyUI
@@ -36,7 +38,7 @@ from typing import Any
 
 from bench._harness import Row, quiet_logs, table
 
-SECTIONS = ("overhead", "paths", "peer", "scale", "failover", "shadow", "url_input", "jobapi")
+SECTIONS = ("overhead", "paths", "peer", "scale", "failover", "shadow", "url_input", "jobapi", "gateway")
 
 
 def _section(name: str, quick: bool, comfy_url: str | None) -> tuple[list[Row], Any]:
@@ -72,6 +74,10 @@ def _section(name: str, quick: bool, comfy_url: str | None) -> tuple[list[Row], 
         from bench import job_api_memory
 
         return job_api_memory.run(quick), None
+    if name == "gateway":
+        from bench import gateway
+
+        return gateway.run(quick, comfy_url), None
     raise ValueError(name)
 
 

@@ -10,7 +10,7 @@ from bench._harness import Row, table
 
 MODULES = ["bench.__main__", "bench._harness", "bench._runpod_server", "bench.overhead", "bench.paths", "bench.peer",
            "bench.scale", "bench.failover_reaction", "bench.shadow", "bench.shadow_overhead", "bench.runpod_vs_sdk",
-           "bench.url_input"]
+           "bench.url_input", "bench.gateway"]
 
 
 @pytest.mark.parametrize("name", MODULES)
@@ -49,3 +49,12 @@ def test_cli_rejects_unknown_section() -> None:
 
     with pytest.raises(SystemExit):
         main(["--only", "nope"])
+
+
+def test_gateway_smallest() -> None:
+    from bench import gateway
+
+    rows = gateway.run(quick=True, jobs=4, concurrent=4)
+    check_rows(rows, "gateway")
+    assert rows[0].data["gateway"]["n"] == rows[0].data["in-process"]["n"] == 4
+    assert rows[1].data["n"] == 4 and rows[1].data["cpu_per_job_s"] > 0

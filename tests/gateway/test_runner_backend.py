@@ -201,3 +201,13 @@ async def test_finished_jobs_expire_after_the_retention(local, store):
     with pytest.raises(JobNotFound):
         await backend.get(env.job_id)
     await backend.aclose()
+
+
+async def test_results_are_cached_within_a_byte_bound_and_served_from_the_store_beyond_it(local, store):
+    backend = RunnerBackend(local, store, result_cache_bytes=1)  # any real output is over the bound
+    env = await backend.submit(request())
+    done = await _until(backend, env.job_id, JobState.SUCCEEDED)
+    assert backend._results == {} and backend._cached_bytes == 0
+    assert done.result is not None and len(done.result.artifacts) == 2
+    assert all(a.data for a in done.result.artifacts)
+    await backend.aclose()

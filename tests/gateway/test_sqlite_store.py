@@ -102,3 +102,29 @@ async def test_a_store_that_cannot_open_is_provider_unavailable(tmp_path: Path):
             await store.get("job:1")
     finally:
         await store.aclose()
+
+
+async def test_writes_wait_for_another_writer_off_the_event_loop_and_keep_their_order(tmp_path: Path):
+    import sqlite3
+
+    path = tmp_path / "jobs.sqlite3"
+    store = SQLiteStore(path)
+    try:
+        await store.put("job:1", {"version": 1})
+        await store.put("job:1", {"version": 2})  # on the event loop's own connection by now
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+        first = asyncio.create_task(store.put("job:1", {"version": 3}))
+        second = asyncio.create_task(store.apply({"job:1": {"version": 4}}, ["job:gone"]))
+        ticks = 0
+        while not (first.done() and second.done()):
+            await asyncio.sleep(0)  # the loop keeps running while both writes wait for the lock
+            ticks += 1
+            if ticks == 50:
+                assert not first.done() and not second.done()
+                other.execute("COMMIT")
+        await asyncio.gather(first, second)
+        other.close()
+        assert await store.get("job:1") == {"version": 4}  # in call order, not 3 after 4
+    finally:
+        await store.aclose()

@@ -58,7 +58,11 @@ export interface SubmitOptions {
   tags?: Record<string, string>;
   /** Defaults to a random key per call, so the client's own retries never create a second job. */
   idempotencyKey?: string;
-  /** Extra fields of the request body the server understands (e.g. `webhook`). */
+  /** POST the job's envelope here, signed, when it ends (the server needs a webhook secret). */
+  webhook?: string;
+  /** Also send rate-limited progress webhooks (`["progress"]`). */
+  webhookEvents?: "progress"[];
+  /** Extra fields of the request body the server understands. */
   extra?: Record<string, unknown>;
   signal?: AbortSignal;
 }
@@ -264,6 +268,8 @@ export class GpuBridge {
     if (options.inputs) body.inputs = inputs;
     if (options.timeout !== undefined) body.timeout = options.timeout;
     if (options.queueTimeout !== undefined) body.queue_timeout = options.queueTimeout;
+    if (options.webhook !== undefined) body.webhook = options.webhook;
+    if (options.webhookEvents !== undefined) body.webhook_events = options.webhookEvents;
     if (options.tags) body.tags = options.tags;
     return body as JobRequest;
   }

@@ -12,7 +12,7 @@ import {
   WorkflowError,
   WorkflowFormatError,
 } from "../dist/index.js";
-import { startStack, workflow } from "./harness.mjs";
+import { RUNPOD_ENDPOINT, startStack, workflow } from "./harness.mjs";
 
 let stack;
 let gb;
@@ -136,5 +136,33 @@ describe("cancel and timeouts", () => {
     } finally {
       await stack.faults({ delays: {} });
     }
+  });
+});
+
+describe("RunPod-shaped calls", () => {
+  it("today's RunPod fetch call works with only the base URL and key changed", { skip: process.env.GPUBRIDGE_TS_SERVER === "modal_app" }, async () => {
+    // Shaped exactly like the RunPod call the TypeScript API makes today.
+    const base = `${stack.baseUrl}/v2`;
+    const headers = { Authorization: `Bearer ${stack.token}`, "Content-Type": "application/json" };
+    const png = Buffer.from("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8DwHwAFBQIAX8jx0gAAAABJRU5ErkJggg==", "base64");
+    const res = await fetch(`${base}/${RUNPOD_ENDPOINT}/run`, {
+      method: "POST",
+      headers,
+      body: JSON.stringify({ input: { workflow: workflow(), images: [{ name: "face.png", image: png.toString("base64") }] } }),
+    });
+    assert.equal(res.status, 200);
+    const { id, status } = await res.json();
+    assert.ok(id && ["IN_QUEUE", "IN_PROGRESS", "COMPLETED"].includes(status));
+    let body;
+    for (let i = 0; i < 600; i++) {
+      body = await (await fetch(`${base}/${RUNPOD_ENDPOINT}/status/${id}`, { headers })).json();
+      if (!["IN_QUEUE", "IN_PROGRESS"].includes(body.status)) break;
+      await new Promise((r) => setTimeout(r, 100)); // RunPod callers poll /status; so does this one
+    }
+    assert.equal(body.status, "COMPLETED");
+    assert.equal(body.output.images.length, 2);
+    assert.equal(body.output.images[0].type, "base64");
+    assert.deepEqual([...Buffer.from(body.output.images[0].data, "base64").subarray(0, 4)], [0x89, 0x50, 0x4e, 0x47]);
+    assert.equal(typeof body.executionTime, "number");
   });
 });

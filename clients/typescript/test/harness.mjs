@@ -11,6 +11,8 @@ import { fileURLToPath } from "node:url";
 export const HERE = dirname(fileURLToPath(import.meta.url));
 export const REPO = resolve(HERE, "../../..");
 export const TOKEN = "ts-client-test-token";
+/** The RunPod endpoint id the gateway serves under /v2/ (its RunPod-compatible facade). */
+export const RUNPOD_ENDPOINT = "ryla-comfy";
 
 export function python() {
   if (process.env.GPUBRIDGE_PYTHON) return process.env.GPUBRIDGE_PYTHON;
@@ -72,7 +74,7 @@ export async function startStack(env = {}) {
   const port = await freePort();
   const dataDir = mkdtempSync(join(tmpdir(), "gpubridge-ts-"));
   const gateway = start(
-    process.env.GPUBRIDGE_TS_SERVER === "modal_app" ? ["-m", "modal_app.serve", "--comfy-url", comfyUrl, "--port", String(port), "--token", TOKEN] : ["-m", "gpubridge.cli", "serve", "--host", "127.0.0.1", "--port", String(port), "--data-dir", dataDir],
+    process.env.GPUBRIDGE_TS_SERVER === "modal_app" ? ["-m", "modal_app.serve", "--comfy-url", comfyUrl, "--port", String(port), "--token", TOKEN] : ["-m", "gpubridge.cli", "serve", "--host", "127.0.0.1", "--port", String(port), "--data-dir", dataDir, "--runpod-endpoint", RUNPOD_ENDPOINT],
     {
       GPUBRIDGE_PROVIDER: "local",
       GPUBRIDGE_COMFY_URL: comfyUrl,

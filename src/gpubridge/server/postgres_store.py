@@ -17,6 +17,7 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from gpubridge.errors import ConfigError, ProviderUnavailable, redact_url
@@ -178,6 +179,26 @@ class PostgresStore(JobStore):
             f"WITH w AS (DELETE FROM gpubridge_kv WHERE key = %s RETURNING key) SELECT pg_notify('{_CHANNEL}', key) FROM w",
             (key,), "one",
         )
+        await self._wake()
+
+    async def apply(self, puts: Mapping[str, dict[str, Any]], deletes: Sequence[str] = ()) -> None:
+        """All of it in one transaction (every key notified at its commit)."""
+        import psycopg
+
+        pool = await self._ready()
+        try:
+            async with pool.connection() as conn, conn.transaction():
+                for key, value in puts.items():
+                    await conn.execute(
+                        "INSERT INTO gpubridge_kv (key, value) VALUES (%s, %s::jsonb) ON CONFLICT (key) DO UPDATE "
+                        "SET value = EXCLUDED.value, updated_at = now()",
+                        (key, json.dumps(value, separators=(",", ":"))))
+                for key in deletes:
+                    await conn.execute("DELETE FROM gpubridge_kv WHERE key = %s", (key,))
+                for key in [*puts, *deletes]:
+                    await conn.execute(f"SELECT pg_notify('{_CHANNEL}', %s)", (key,))
+        except (psycopg.OperationalError, psycopg.InterfaceError, OSError) as exc:
+            raise self._unavailable(exc) from None
         await self._wake()
 
     async def keys(self, prefix: str) -> list[str]:

@@ -97,9 +97,11 @@ class RunnerBackend(JobBackend):
         owner: str | None = None,
         clock: Callable[[], float] = time.time,
         result_cache: int = 256,
+        result_cache_bytes: int = 64 * 1024 * 1024,
         drain: float = 0.0,
         close_store: bool = False,
         on_finish: Callable[[JobRecord, str | None], None] | None = None,
+        progress_interval: float = 0.25,
     ):
         self.runner = runner
         self.store = store
@@ -120,11 +122,20 @@ class RunnerBackend(JobBackend):
         self._starting = 0
         self._results: collections.OrderedDict[str, JobResult] = collections.OrderedDict()
         self._result_cache = result_cache
+        self.result_cache_bytes = result_cache_bytes
+        self._sizes: dict[str, int] = {}
+        self._cached_bytes = 0
         self._keeper: asyncio.Task[None] | None = None
         self._closed = False
         self.drain_timeout = drain
         self._close_store = close_store
         self.on_finish = on_finish
+        self.progress_interval = progress_interval
+        # Jobs this process follows: it is their only writer while it holds their lease, so their record and
+        # run entry are served from here, and a long-poll on them wakes on the write itself (no store reads).
+        self._live: dict[str, JobRecord] = {}
+        self._runs: dict[str, dict[str, Any]] = {}
+        self._moved: asyncio.Condition | None = None
 
     # ------------------------------------------------------------------------------------------ lifecycle
 
@@ -152,7 +163,10 @@ class RunnerBackend(JobBackend):
         for job_id in list(self._tasks):
             entry = await self.store.get(run_key(job_id))
             if entry is not None and entry.get("owner") == self.owner:
-                await self.store.put(run_key(job_id), {**entry, "lease_until": until})
+                entry = {**entry, "lease_until": until}
+                await self.store.put(run_key(job_id), entry)
+                if job_id in self._runs:
+                    self._runs[job_id] = entry
 
     async def _adopt(self) -> None:
         try:
@@ -170,7 +184,8 @@ class RunnerBackend(JobBackend):
             record = await self.store.record(job_id)
             if record is None or record.state.is_terminal:
                 continue
-            await self.store.put(key, {**entry, "owner": self.owner, "lease_until": now + self.lease})
+            entry = {**entry, "owner": self.owner, "lease_until": now + self.lease}
+            await self.store.put(key, entry)
             raw = entry.get("attempt") or entry.get("handle")
             if raw is None:
                 if now - entry.get("accepted_at", now) >= self.orphan_grace:
@@ -184,6 +199,7 @@ class RunnerBackend(JobBackend):
                 continue
             handle = JobHandle.model_validate(raw)
             log.info("adopting job %s (%s %s)", job_id, handle.provider, handle.job_id)
+            self._live[job_id], self._runs[job_id] = record, entry
             self._spawn(job_id, self._follow(job_id, handle, record))
 
     async def aclose(self) -> None:
@@ -247,9 +263,9 @@ class RunnerBackend(JobBackend):
             job_id=job_id, version=1, submitted_at=now, deadline=now + timeout,
             request_id=request.request_id, tags=dict(request.tags),
         )
-        await self.store.save(record)
-        await self.store.put(run_key(job_id), {"owner": self.owner, "lease_until": now + self.lease,
-                                               "accepted_at": now, "handle": None})
+        entry = {"owner": self.owner, "lease_until": now + self.lease, "accepted_at": now, "handle": None}
+        await self.store.apply({record_key(job_id): record.dump(), run_key(job_id): entry})
+        self._live[job_id], self._runs[job_id] = record, entry
         accepted: asyncio.Future[JobHandle] = asyncio.get_running_loop().create_future()
         self._accepting[job_id] = accepted
         task = self._spawn(job_id, self._drive(job_id, request, record))
@@ -275,8 +291,7 @@ class RunnerBackend(JobBackend):
             await self._settle(job_id, exc)
             return
         self._handles[job_id] = handle
-        entry = await self.store.get(run_key(job_id)) or {}
-        await self.store.put(run_key(job_id), {**entry, "handle": handle.model_dump(mode="json")})
+        await self._put_run(job_id, handle=handle.model_dump(mode="json"))
         waiting = self._accepting.pop(job_id, None)
         if waiting is not None and not waiting.done():
             waiting.set_result(handle)
@@ -338,47 +353,114 @@ class RunnerBackend(JobBackend):
             except Exception as exc:  # a bug in a runner: the job ends failed, saying so, never hangs
                 return exc
 
+    async def _run_entry(self, job_id: str) -> dict[str, Any]:
+        entry = self._runs.get(job_id)
+        return entry if entry is not None else (await self.store.get(run_key(job_id)) or {})
+
+    async def _put_run(self, job_id: str, **changes: Any) -> None:
+        entry = {**await self._run_entry(job_id), **changes}
+        await self.store.put(run_key(job_id), entry)
+        if job_id in self._live:
+            self._runs[job_id] = entry
+
+    def _cond(self) -> asyncio.Condition:
+        if self._moved is None:
+            self._moved = asyncio.Condition()
+        return self._moved
+
+    async def _save(self, record: JobRecord, extra: dict[str, dict[str, Any]] | None = None,
+                    deletes: tuple[str, ...] = ()) -> None:
+        """Write a followed job's record (with ``extra`` entries and ``deletes`` in the same write) and wake
+        the long-polls on it in this process."""
+        await self.store.apply({record_key(record.job_id): record.dump(), **(extra or {})}, deletes)
+        if record.state.is_terminal:
+            self._live.pop(record.job_id, None)
+            self._runs.pop(record.job_id, None)
+        elif record.job_id in self._live:
+            self._live[record.job_id] = record
+        cond = self._cond()
+        async with cond:
+            cond.notify_all()
+
+    async def _current(self, job_id: str) -> JobRecord | None:
+        record = self._live.get(job_id)
+        return record if record is not None else await self.store.record(job_id)
+
     async def _attempt_handle(self, job_id: str) -> JobHandle | None:
-        entry = await self.store.get(run_key(job_id)) or {}
+        entry = await self._run_entry(job_id)
         raw = entry.get("attempt")
         return JobHandle.model_validate(raw) if raw else None
 
     async def _watch(self, job_id: str, handle: JobHandle) -> None:
-        """Mirror the runner's events into the record: running, progress, the attempt that runs it."""
+        """Mirror the runner's events into the record: running at once, then progress at most once per
+        ``progress_interval`` (the latest wins), and the attempt that runs it (for adoption)."""
         nodes_done = 0
-        async for ev in self.runner.events(handle):
-            if ev.terminal:
-                return
-            changes: dict[str, Any] = {}
-            attempt = ev.data.get("attempt_job_id") if ev.data else None
-            if attempt and ev.provider:
-                entry = await self.store.get(run_key(job_id)) or {}
-                inner = JobHandle(job_id=f"{ev.provider}:{attempt}", provider=ev.provider)
-                if entry.get("attempt", {}).get("job_id") != inner.job_id:
-                    await self.store.put(run_key(job_id), {**entry, "attempt": inner.model_dump(mode="json")})
-            if ev.type in (EventType.STARTED, EventType.EXECUTING, EventType.PROGRESS, EventType.EXECUTED,
-                           EventType.CACHED):
-                if ev.type in (EventType.EXECUTED, EventType.CACHED):
-                    nodes_done += 1
-                changes["progress"] = Progress(
-                    node_id=ev.node_id, node_type=ev.node_type, value=ev.value, max=ev.max,
-                    nodes_done=nodes_done or None,
-                )
-            elif ev.type is EventType.FAILOVER:
-                changes["message"] = ev.message
-            if changes:
-                current = await self.store.record(job_id)
-                if current is None or current.state.is_terminal:
+        pending: dict[str, Any] = {}
+        last_write = float("-inf")
+        flusher: asyncio.Task[None] | None = None
+
+        async def write(changes: dict[str, Any]) -> bool:
+            nonlocal last_write
+            current = await self._current(job_id)
+            if current is None or current.state.is_terminal:
+                return False
+            if current.state is JobState.QUEUED:
+                changes = {**changes, "state": JobState.RUNNING, "started_at": self.clock()}
+            await self._save(current.bump(**changes))
+            last_write = time.monotonic()
+            return True
+
+        async def flush_later(delay: float) -> None:
+            await asyncio.sleep(delay)  # the progress interval
+            if pending:
+                changes = dict(pending)
+                pending.clear()
+                await write(changes)
+
+        try:
+            async for ev in self.runner.events(handle):
+                if ev.terminal:
                     return
-                if current.state is JobState.QUEUED:
-                    changes.update(state=JobState.RUNNING, started_at=self.clock())
-                await self.store.save(current.bump(**changes))
+                changes: dict[str, Any] = {}
+                attempt = ev.data.get("attempt_job_id") if ev.data else None
+                if attempt and ev.provider:
+                    inner = JobHandle(job_id=f"{ev.provider}:{attempt}", provider=ev.provider)
+                    if (await self._run_entry(job_id)).get("attempt", {}).get("job_id") != inner.job_id:
+                        await self._put_run(job_id, attempt=inner.model_dump(mode="json"))
+                urgent = False
+                if ev.type in (EventType.STARTED, EventType.EXECUTING, EventType.PROGRESS, EventType.EXECUTED,
+                               EventType.CACHED):
+                    if ev.type in (EventType.EXECUTED, EventType.CACHED):
+                        nodes_done += 1
+                    changes["progress"] = Progress(
+                        node_id=ev.node_id, node_type=ev.node_type, value=ev.value, max=ev.max,
+                        nodes_done=nodes_done or None,
+                    )
+                elif ev.type is EventType.FAILOVER:
+                    changes["message"] = ev.message
+                    urgent = True
+                if not changes:
+                    continue
+                current = self._live.get(job_id)
+                urgent = urgent or current is None or current.state is JobState.QUEUED
+                since = time.monotonic() - last_write
+                if urgent or since >= self.progress_interval:
+                    pending.clear()
+                    if not await write(changes):
+                        return
+                else:
+                    pending.update(changes)
+                    if flusher is None or flusher.done():
+                        flusher = asyncio.get_running_loop().create_task(flush_later(self.progress_interval - since))
+        finally:
+            if flusher is not None:
+                flusher.cancel()
 
     async def _succeed(self, job_id: str, result: JobResult) -> None:
         result = result.model_copy(update={"job_id": job_id})
-        await self.store.put(result_key(job_id), {"json": result.model_dump_json()})
         self._cache(job_id, result)
-        await self._finish(job_id, JobState.SUCCEEDED, None, None, served_by=result.provider)
+        await self._finish(job_id, JobState.SUCCEEDED, None, None, served_by=result.provider,
+                           extra={result_key(job_id): {"json": result.model_dump_json()}})
 
     async def _settle(self, job_id: str, exc: BaseException) -> None:
         if isinstance(exc, GpuBridgeError):
@@ -392,13 +474,14 @@ class RunnerBackend(JobBackend):
         await self._finish(job_id, _state_of(exc), error, str(message))
 
     async def _finish(self, job_id: str, state: JobState, error: dict[str, Any] | None, message: str | None,
-                      served_by: str | None = None) -> None:
-        current = await self.store.record(job_id)
+                      served_by: str | None = None, extra: dict[str, dict[str, Any]] | None = None) -> None:
+        current = await self._current(job_id)
         if current is None or current.state.is_terminal:
+            self._live.pop(job_id, None)
+            self._runs.pop(job_id, None)
             return
         final = current.bump(state=state, finished_at=self.clock(), error=error, message=message, progress=None)
-        await self.store.save(final)
-        await self.store.delete(run_key(job_id))
+        await self._save(final, extra, (run_key(job_id),))
         self._handles.pop(job_id, None)
         self._cancelled.discard(job_id)
         if self.on_finish is not None:
@@ -411,15 +494,26 @@ class RunnerBackend(JobBackend):
     # ------------------------------------------------------------------------------------------- queries
 
     def _cache(self, job_id: str, result: JobResult) -> None:
+        """Keep recent results in memory (bounded by count and by ``result_cache_bytes`` of outputs); the
+        store holds every result anyway."""
+        size = sum(len(a.data) for a in result.artifacts if a.data is not None)
+        old = self._results.pop(job_id, None)
+        if old is not None:
+            self._cached_bytes -= self._sizes.pop(job_id, 0)
+        if size > self.result_cache_bytes:
+            return
         self._results[job_id] = result
-        while len(self._results) > self._result_cache:
-            self._results.popitem(last=False)
+        self._sizes[job_id] = size
+        self._cached_bytes += size
+        while len(self._results) > self._result_cache or self._cached_bytes > self.result_cache_bytes:
+            gone, _ = self._results.popitem(last=False)
+            self._cached_bytes -= self._sizes.pop(gone, 0)
 
     def _expired(self, record: JobRecord) -> bool:
         return record.finished_at is not None and self.clock() - record.finished_at > self.retention
 
     async def _record(self, job_id: str) -> JobRecord:
-        record = await self.store.record(job_id)
+        record = await self._current(job_id)
         if record is None:
             raise JobNotFound(f"No job {job_id}", job_id=job_id, provider=self.provider)
         if self._expired(record):
@@ -434,8 +528,19 @@ class RunnerBackend(JobBackend):
             remaining = end - time.monotonic()
             if remaining <= 0:
                 break
-            await self.store.wait_changed(record_key(job_id), record.version if after is None else after,
-                                          remaining)
+            seen = record.version if after is None else after
+            if job_id in self._live:  # followed here: the write itself wakes us
+                cond = self._cond()
+
+                def moved() -> bool:
+                    live = self._live.get(job_id)
+                    return live is None or live.version > seen
+
+                async with cond:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(cond.wait_for(moved), remaining)
+            else:
+                await self.store.wait_changed(record_key(job_id), seen, remaining)
             record = await self._record(job_id)
         result = None
         if record.state is JobState.SUCCEEDED:
@@ -456,7 +561,7 @@ class RunnerBackend(JobBackend):
         self._cancelled.add(job_id)
         handle = self._handles.get(job_id)
         if handle is None:
-            entry = await self.store.get(run_key(job_id)) or {}
+            entry = await self._run_entry(job_id)
             raw = entry.get("attempt") or entry.get("handle")
             handle = JobHandle.model_validate(raw) if raw else None
         if handle is not None:
@@ -488,8 +593,11 @@ class RunnerBackend(JobBackend):
     async def _drop(self, job_id: str) -> None:
         for key in (record_key(job_id), run_key(job_id), result_key(job_id)):
             await self.store.delete(key)
-        self._results.pop(job_id, None)
+        if self._results.pop(job_id, None) is not None:
+            self._cached_bytes -= self._sizes.pop(job_id, 0)
         self._handles.pop(job_id, None)
+        self._live.pop(job_id, None)
+        self._runs.pop(job_id, None)
 
     async def _forget(self, job_id: str) -> None:
         await self._drop(job_id)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from gpubridge.models import JobState
@@ -50,6 +50,14 @@ class JobStore(abc.ABC):
 
     async def aclose(self) -> None:
         """Release connections (the default store holds none)."""
+
+    async def apply(self, puts: Mapping[str, dict[str, Any]], deletes: Sequence[str] = ()) -> None:
+        """Write ``puts`` and remove ``deletes``; stores that can do it in one transaction (one round trip)
+        override this, so a job's end (record, result, lease) is written all at once."""
+        for key, value in puts.items():
+            await self.put(key, value)
+        for key in deletes:
+            await self.delete(key)
 
     async def record(self, job_id: str) -> JobRecord | None:
         raw = await self.get(record_key(job_id))
