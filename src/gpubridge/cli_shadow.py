@@ -77,10 +77,18 @@ def report(
 
     try:
         settings = Settings.load(config)
-        path = db or settings.shadow_options.db_path()
         start = parse_since(since) if since else None
         until = time.time()
-        records = read_records(path, since=start, until=until)
+        if db is None and settings.database_url is not None:
+            from .errors import redact_url
+            from .shadow.store import read_records_pg
+
+            url = settings.database_url.get_secret_value()
+            path = redact_url(url)
+            records = read_records_pg(url, since=start, until=until)
+        else:
+            path = db or settings.shadow_options.db_path()
+            records = read_records(path, since=start, until=until)
     except ConfigError as exc:
         _err.print(f"[bold red]error[/]: {exc}")
         raise typer.Exit(2) from None

@@ -239,6 +239,9 @@ class Settings(_LayeredSettings):
     ``shadow`` is set and ``shadow_rate`` > 0, else off."""
     canary_weight: float = Field(default=0.1, ge=0.0, le=1.0)
     """In the canary stage, the share of jobs routed to ``shadow`` (``GPUBRIDGE_CANARY_WEIGHT``)."""
+    database_url: SecretStr | None = None
+    """``postgresql://...`` (``GPUBRIDGE_DATABASE_URL``): the gateway's jobs and the shadow records live
+    there, shared by every replica, instead of in local SQLite files."""
     pricing: dict[str, float] = Field(default_factory=dict)
     """GPU price table in USD per second, overriding the built-in one (e.g. ``L40S = 0.000542``)."""
     fetch: dict[str, Any] = Field(default_factory=dict)

@@ -27,7 +27,7 @@ from ..errors import ConfigError
 from ..runner import WorkflowRunner
 from .runner import ShadowRunner, SplitRunner
 from .settings import Stage
-from .store import ShadowSink, SQLiteSink
+from .store import ShadowSink, open_sink
 
 __all__ = ["resolve_stage", "build_stage_runner", "describe_stage"]
 
@@ -79,7 +79,7 @@ def build_stage_runner(
         primary,
         shadow,
         settings.shadow_rate,
-        sink=sink if sink is not None else SQLiteSink(opts.db_path()),
+        sink=sink if sink is not None else open_sink(settings),
         timeout=opts.timeout,
         max_inflight=opts.max_inflight,
         noise_rate=opts.noise_rate,

@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from ..errors import ConfigError
 from .compare import Comparison
@@ -235,3 +235,102 @@ class SQLiteSink:
 
     def __repr__(self) -> str:
         return f"<SQLiteSink {str(self.path)!r}>"
+
+
+# ------------------------------------------------------------------------------------------- PostgreSQL
+
+_PG_SCHEMA = """
+CREATE TABLE IF NOT EXISTS gpubridge_shadow (
+    id         text PRIMARY KEY,
+    created_at double precision NOT NULL,
+    kind       text NOT NULL,
+    workflow   text,
+    outcome    text NOT NULL,
+    control    text,
+    candidate  text,
+    record     jsonb NOT NULL
+);
+CREATE INDEX IF NOT EXISTS gpubridge_shadow_created ON gpubridge_shadow (created_at)
+"""
+
+
+def _pg_rows(records: Iterable[Comparison]) -> list[tuple[Any, ...]]:
+    return [(r.id, r.created_at, r.kind, r.workflow, r.outcome.value, r.control.provider, r.candidate.provider,
+             r.model_dump_json()) for r in records]
+
+
+class PostgresSink:
+    """Stores shadow records in PostgreSQL (``GPUBRIDGE_DATABASE_URL``), so every gateway replica's pairs
+    land in one place and one report judges them all. Needs the ``postgres`` extra."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self._conn: Any = None
+        self._lock: asyncio.Lock | None = None
+        self._closed = False
+
+    def __repr__(self) -> str:
+        from ..errors import redact_url
+
+        return f"PostgresSink({redact_url(self.url)!r})"
+
+    async def _connection(self) -> Any:
+        import psycopg
+
+        if self._conn is None or self._conn.closed:
+            conn = await psycopg.AsyncConnection.connect(self.url, autocommit=True)
+            async with conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock(hashtext('gpubridge_shadow'))")
+                for statement in filter(str.strip, _PG_SCHEMA.split(";")):
+                    await conn.execute(statement)
+            self._conn = conn
+        return self._conn
+
+    async def write_many(self, records: Iterable[Comparison]) -> None:
+        if self._closed:
+            raise RuntimeError("PostgresSink is closed")
+        rows = _pg_rows(records)
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:  # one connection, one statement at a time
+            conn = await self._connection()
+            async with conn.cursor() as cur:
+                await cur.executemany(
+                    "INSERT INTO gpubridge_shadow (id, created_at, kind, workflow, outcome, control, candidate, "
+                    "record) VALUES (%s, %s, %s, %s, %s, %s, %s, %s::jsonb) ON CONFLICT (id) DO UPDATE SET "
+                    "record = EXCLUDED.record, outcome = EXCLUDED.outcome", rows)
+
+    async def write(self, record: Comparison) -> None:
+        await self.write_many([record])
+
+    def read(self, *, since: float | None = None, until: float | None = None) -> list[Comparison]:
+        return read_records_pg(self.url, since=since, until=until)
+
+    async def aclose(self) -> None:
+        self._closed = True
+        if self._conn is not None:
+            await self._conn.close()
+            self._conn = None
+
+
+def read_records_pg(url: str, *, since: float | None = None, until: float | None = None) -> list[Comparison]:
+    """Records in the PostgreSQL database at ``url`` created within [since, until), oldest first."""
+    import psycopg
+
+    with psycopg.connect(url) as conn:
+        exists = conn.execute("SELECT to_regclass('gpubridge_shadow')").fetchone()
+        if exists is None or exists[0] is None:
+            return []
+        rows = conn.execute(
+            "SELECT record FROM gpubridge_shadow WHERE created_at >= %s AND created_at < %s ORDER BY created_at, id",
+            (since if since is not None else float("-inf"), until if until is not None else float("inf")),
+        ).fetchall()
+    return [Comparison.model_validate(row[0]) for row in rows]
+
+
+def open_sink(settings: Any) -> ShadowSink:
+    """Where shadow records go: PostgreSQL with ``database_url``, else the SQLite file of ``[shadow_options]``."""
+    url = settings.database_url.get_secret_value() if settings.database_url is not None else None
+    if url:
+        return PostgresSink(url)
+    return SQLiteSink(settings.shadow_options.db_path())
