@@ -93,8 +93,10 @@ class WorkerConfig:
     comfy_path: str | None = None
     comfy_start_cmd: str | None = None
     comfy_args: tuple[str, ...] = ()
-    start_timeout: float | None = None
+    start_timeout: float | None = 600.0
     job_timeout: float | None = None
+    interrupt_grace: float = 10.0
+    max_output_bytes: int = 10 * 1024 * 1024
     reconnect_timeout: float = 5.0
     validate: bool = True
     progress_interval: float = 0.5
@@ -110,8 +112,10 @@ class WorkerConfig:
             comfy_path=env.get("COMFY_PATH") or None,
             comfy_start_cmd=env.get("COMFY_START_CMD") or None,
             comfy_args=tuple(shlex.split(env.get("COMFY_ARGS", ""))),
-            start_timeout=_env_float("COMFY_START_TIMEOUT", None),
+            start_timeout=_env_float("COMFY_START_TIMEOUT", 600.0),
             job_timeout=_env_float("COMFY_JOB_TIMEOUT", None),
+            interrupt_grace=_env_float("COMFY_INTERRUPT_GRACE", 10.0) or 0.0,
+            max_output_bytes=int((_env_float("GPUBRIDGE_MAX_OUTPUT_MB", 10.0) or 10.0) * 1024 * 1024),
             reconnect_timeout=_env_float("COMFY_RECONNECT_TIMEOUT", 5.0) or 5.0,
             validate=env.get("COMFY_VALIDATE", "1").strip().lower() not in ("0", "false", "no", "off"),
             progress_interval=_env_float("GPUBRIDGE_PROGRESS_INTERVAL", 0.5) or 0.0,
@@ -142,7 +146,9 @@ class Worker:
         self.process: ComfyProcess | None = None
         self._clients: dict[asyncio.AbstractEventLoop, ComfyClient] = {}
         self._starting: asyncio.Future[None] | None = None
+        self.start_error: ComfyDead | None = None
         self.jobs_run = 0
+        self.hung: str | None = None  # a prompt ComfyUI would not interrupt: this worker must be replaced
 
     # -- ComfyUI lifecycle
 
@@ -157,14 +163,36 @@ class Worker:
                             start_timeout=cfg.start_timeout)
 
     def init(self) -> None:
-        """Start ComfyUI now (blocking) if this worker manages it. Call before runpod.serverless.start."""
-        if self.config.manages_comfy and self.process is None:
-            self.process = self._make_process()
-            self.process.start()
+        """Start ComfyUI now (blocking) if this worker manages it. Call before runpod.serverless.start.
+
+        A ComfyUI that exits or never answers (within ``start_timeout``) does not crash the worker: it comes
+        up anyway and fails every job at once with ``refresh_worker`` and the start log's tail, so RunPod
+        replaces it instead of restarting a container that dies before it can report anything."""
+        if self.config.manages_comfy and self.process is None and self.start_error is None:
+            proc = self._make_process()
+            try:
+                proc.start()
+            except Exception as exc:
+                self.start_error = self._start_failure(proc, exc)
+                log.error("%s", self.start_error)
+                with contextlib.suppress(Exception):
+                    proc.stop()
+                return
+            self.process = proc
+
+    @staticmethod
+    def _start_failure(proc: ComfyProcess, exc: BaseException) -> ComfyDead:
+        tail = " | ".join(line.strip() for line in proc.output[-5:] if line.strip()) or "(no output)"
+        return ComfyDead(f"ComfyUI did not start: {exc}. Last output: {tail}", provider="comfy")
 
     async def _ensure_comfy(self) -> None:
+        if self.hung is not None:
+            raise ComfyDead(f"ComfyUI is still running prompt {self.hung}, which ignored its interrupt; this "
+                            "worker cannot run jobs any more", provider="comfy")
         if not self.config.manages_comfy:
             return
+        if self.start_error is not None:
+            raise self.start_error
         if self.process is None:
             # Concurrent first jobs share one start.
             if self._starting is None:
@@ -183,6 +211,12 @@ class Worker:
         self._starting = None
         if not fut.cancelled() and fut.exception() is None:
             self.process = proc
+        elif not fut.cancelled():
+            exc = fut.exception()
+            assert exc is not None
+            self.start_error = self._start_failure(proc, exc)
+            with contextlib.suppress(Exception):
+                proc.stop()
 
     async def client(self) -> ComfyClient:
         """This loop's ComfyClient (created once), with ComfyUI started if this worker manages it."""
@@ -235,7 +269,7 @@ class Worker:
                 spec.workflow,
                 prompt_id=prompt_id,
                 inputs=spec.images or None,
-                timeout=spec.timeout or self.config.job_timeout,
+                timeout=_smaller(spec.timeout, self.config.job_timeout),
                 extra_data=extra or None,
             )
             progress = asyncio.create_task(self._report_progress(job, comfy_job))
@@ -252,6 +286,17 @@ class Worker:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(client.cancel(comfy_job), 2)
             return _dead(exc)
+        except JobTimeout as exc:
+            out = _failure(exc)
+            if comfy_job is not None and not await self._interrupt_took(client, comfy_job.prompt_id):
+                # The node ignores the interrupt (a stuck kernel, a blocking custom node): every later job
+                # would wait behind it. Ask RunPod for a fresh worker instead of holding this GPU.
+                self.hung = comfy_job.prompt_id
+                out["refresh_worker"] = True
+                out["details"]["worker_failure"] = True
+                out["error"] += (f"; ComfyUI did not stop the job within {self.config.interrupt_grace:g}s of its "
+                                 "interrupt, so this worker asks to be replaced")
+            return out
         except GpuBridgeError as exc:
             return _failure(exc)
         finally:
@@ -263,6 +308,22 @@ class Worker:
                 client.forget(comfy_job.prompt_id)
         self.jobs_run += 1
         return await self._output(job, result, t0)
+
+    async def _interrupt_took(self, client: ComfyClient, prompt_id: str) -> bool:
+        """Whether ComfyUI stopped running ``prompt_id`` within ``interrupt_grace`` seconds."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + self.config.interrupt_grace
+        while True:
+            try:
+                queue = await client.queue()
+                running = {str(item[1]) for item in queue.get("queue_running", []) if len(item) > 1}
+            except GpuBridgeError:
+                return False  # ComfyUI does not answer either
+            if prompt_id not in running:
+                return True
+            if loop.time() >= end:
+                return False
+            await asyncio.sleep(min(0.2, max(0.0, end - loop.time())))  # polling ComfyUI's queue, bounded
 
     async def _wait(self, comfy_job: ComfyJob) -> None:
         """Wait for the job; with a managed ComfyUI, notice at once when its process dies."""
@@ -286,20 +347,40 @@ class Worker:
                 done.cancel()
 
     async def _report_progress(self, job: Mapping[str, Any], comfy_job: ComfyJob) -> None:
-        # Each runpod progress_update is a thread and an HTTP request: at most one per interval.
+        # Each runpod progress_update is a thread and an HTTP request: at most one per interval, and a
+        # trailing one at the interval's end, so the node that started last is never left unreported.
+        interval = self.config.progress_interval
         last_sent = float("-inf")
-        async for event in comfy_job.events():
-            if event.type not in (EventType.EXECUTING, EventType.PROGRESS):
-                continue
-            now = time.monotonic()
-            if now - last_sent < self.config.progress_interval:
-                continue
-            last_sent = now
+        trailing: asyncio.Task[None] | None = None
+
+        def send() -> None:
+            nonlocal last_sent
+            last_sent = time.monotonic()
             p = comfy_job.progress()
             send_progress(dict(job), {"progress": {
                 "node_id": p.node_id, "node_type": p.node_type, "value": p.value, "max": p.max,
                 "nodes_done": p.nodes_done, "nodes_total": p.nodes_total,
             }})
+
+        async def send_later(delay: float) -> None:
+            await asyncio.sleep(delay)  # the end of the throttle interval
+            send()
+
+        try:
+            async for event in comfy_job.events():
+                if event.type not in (EventType.EXECUTING, EventType.PROGRESS):
+                    continue
+                since = time.monotonic() - last_sent
+                if since >= interval:
+                    if trailing is not None:
+                        trailing.cancel()
+                        trailing = None
+                    send()
+                elif trailing is None or trailing.done():
+                    trailing = asyncio.get_running_loop().create_task(send_later(interval - since))
+        finally:
+            if trailing is not None:
+                trailing.cancel()
 
     async def _output(self, job: Mapping[str, Any], result: JobResult, t0: float) -> dict[str, Any]:
         t_enc = time.perf_counter()
@@ -316,7 +397,19 @@ class Worker:
             "encode_s": round(time.perf_counter() - t_enc, 6),
             "total_s": round(time.perf_counter() - t0, 6),
         }
-        return output_of(result, version=GPUBRIDGE_VERSION, entries=entries, timings=timings)
+        out = output_of(result, version=GPUBRIDGE_VERSION, entries=entries, timings=timings)
+        size = len(json.dumps(out, separators=(",", ":")))
+        limit = self.config.max_output_bytes
+        if size > limit:
+            # RunPod refuses a result this large and the SDK only logs it: the job would never report.
+            message = (f"The job's outputs are {size / 1e6:.1f} MB encoded; a RunPod result may be at most "
+                       f"{limit / 1e6:.1f} MB (GPUBRIDGE_MAX_OUTPUT_MB). Set BUCKET_ENDPOINT_URL to upload "
+                       "outputs to a bucket, or make the workflow return fewer or smaller files.")
+            return {"error": message, "details": {"exception_type": "OutputTooLarge", "exception_message": message,
+                                                  "size": size, "limit": limit,
+                                                  "files": sum(len(out.get(k) or []) for k in
+                                                               ("images", "videos", "gifs", "audio", "files"))}}
+        return out
 
     async def _file_entry(self, job_id: str, art: Artifact, index: int) -> dict[str, Any]:
         if self.config.bucket_endpoint_url and art.data is not None:
@@ -324,6 +417,11 @@ class Worker:
             url = await asyncio.to_thread(_upload, job_id, filename, art.data)
             return file_entry(art, index, data=url, type_="s3_url")
         return file_entry(art, index)
+
+
+def _smaller(a: float | None, b: float | None) -> float | None:
+    """The tighter of two limits (either may be unset): a caller never raises the operator's cap."""
+    return min(x for x in (a, b) if x is not None) if (a is not None or b is not None) else None
 
 
 def send_progress(job: dict[str, Any], payload: Any) -> None:

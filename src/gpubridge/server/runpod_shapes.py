@@ -110,13 +110,15 @@ def parse_input(raw: Any) -> JobInput:
             raise InputError("Failed to upload one or more input images", errors)
     gb = raw.get("gpubridge") if isinstance(raw.get("gpubridge"), Mapping) else {}
     timeout = raw.get("timeout", gb.get("timeout"))
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                or not timeout > 0 or timeout == float("inf")):
+        raise InputError(f"'timeout' must be a positive number of seconds, not {timeout!r}")
     key = raw.get("comfy_org_api_key")
     return JobInput(
         workflow=workflow,
         images=images,
         comfy_org_api_key=key if isinstance(key, str) and key else None,
-        timeout=float(timeout) if isinstance(timeout, (int, float)) and not isinstance(timeout, bool)
-        and timeout > 0 else None,
+        timeout=float(timeout) if timeout is not None else None,
     )
 
 

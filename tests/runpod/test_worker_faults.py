@@ -1,0 +1,106 @@
+"""The RunPod worker under faults (issue 24): a hung node, a caller's timeout above the operator's cap, oversize
+outputs, a ComfyUI that fails to start or never answers, and the progress throttle's last node. Each test
+failed on main before the fix."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shlex
+import sys
+from types import ModuleType
+from typing import Any
+
+import httpx
+import pytest
+
+from .conftest import WORKFLOWS, free_port
+from .test_worker import Harness, job
+
+INVERT = json.loads((WORKFLOWS / "model_free_invert.json").read_text())
+
+
+@pytest.fixture
+async def configure(worker_module: ModuleType):
+    """Configure the worker module for a test; its ComfyClient and any managed ComfyUI are closed after."""
+    made = []
+
+    def make(**options: Any) -> Any:
+        w = worker_module.configure(reconnect_timeout=0.5, **options)
+        made.append(w)
+        return w
+
+    yield make
+    await worker_module.aclose()
+    for w in made:
+        await asyncio.to_thread(w.stop)
+
+
+async def test_a_hung_node_ends_at_the_deadline_and_the_worker_asks_to_be_replaced(worker_module, configure, comfy):
+    configure(comfy_url=comfy.url, job_timeout=1.0, interrupt_grace=0.5, progress_interval=0.0)
+    comfy.hold("ImageInvert")  # a node that ignores interrupts, like a stuck kernel
+    try:
+        async with Harness(worker_module) as url, httpx.AsyncClient(base_url=url, timeout=60, trust_env=False) as http:
+            hung = (await http.post("/runsync", json={"input": {"workflow": INVERT}})).json()
+            assert hung["status"] == "FAILED", hung
+            assert "timed out" in hung["error"] and "asks to be replaced" in hung["error"]
+            # The next job on this worker fails at once, asking for replacement again, instead of waiting.
+            out = await worker_module.handler(job({"workflow": INVERT}, "job-2"))
+            assert out["refresh_worker"] is True and "ignored its interrupt" in out["error"]
+    finally:
+        comfy.release("ImageInvert")
+
+
+async def test_a_callers_timeout_never_exceeds_the_operators_cap(worker_module, configure, comfy):
+    configure(comfy_url=comfy.url, job_timeout=1.0, progress_interval=0.0)
+    comfy.faults.delays = {"ImageInvert": 2.5}
+    out = await worker_module.handler(job({"workflow": INVERT, "timeout": 3600}))
+    assert "error" in out and out["details"]["exception_type"] == "JobTimeout", out
+    refused = await worker_module.handler(job({"workflow": INVERT, "timeout": True}, "job-2"))
+    assert "'timeout' must be a positive number" in refused["error"]
+
+
+async def test_outputs_over_runpods_result_limit_fail_naming_the_limit_and_the_bucket_setting(
+    worker_module, configure, comfy
+):
+    configure(comfy_url=comfy.url, max_output_bytes=2000, progress_interval=0.0)
+    out = await worker_module.handler(job({"workflow": INVERT}))
+    assert out["details"]["exception_type"] == "OutputTooLarge", out
+    assert "BUCKET_ENDPOINT_URL" in out["error"] and "GPUBRIDGE_MAX_OUTPUT_MB" in out["error"]
+    assert out["details"]["size"] > out["details"]["limit"] == 2000 and out["details"]["files"] == 2
+    assert "images" not in out  # nothing half-sent
+
+
+def test_the_start_bound_has_a_default(worker_module, monkeypatch):
+    monkeypatch.delenv("COMFY_START_TIMEOUT", raising=False)
+    assert worker_module.WorkerConfig.from_env().start_timeout == 600.0
+
+
+@pytest.mark.parametrize("script, bound", [
+    ("import sys; print('CUDA error: no kernel image'); sys.exit(1)", 30.0),  # exits at once
+    ("import time; print('loading custom nodes'); time.sleep(120)", 1.0),      # never answers
+])
+async def test_a_comfyui_that_cannot_start_leaves_a_worker_that_fails_jobs_and_asks_to_be_replaced(
+    worker_module, configure, script, bound
+):
+    cmd = f"{shlex.quote(sys.executable)} -u -c {shlex.quote(script)}"
+    w = configure(comfy_url=f"http://127.0.0.1:{free_port()}", comfy_start_cmd=cmd, start_timeout=bound)
+    await asyncio.to_thread(worker_module.init)  # does not raise: the worker comes up
+    assert w.process is None and w.start_error is not None
+    async with Harness(worker_module) as url, httpx.AsyncClient(base_url=url, timeout=30, trust_env=False) as http:
+        failed = (await http.post("/runsync", json={"input": {"workflow": INVERT}})).json()
+    assert failed["status"] == "FAILED", failed
+    assert "ComfyUI did not start" in failed["error"]
+    assert ("CUDA error" in failed["error"]) or ("loading custom nodes" in failed["error"])
+
+
+async def test_the_node_that_starts_last_is_reported_by_a_trailing_update(worker_module, configure, comfy,
+                                                                          monkeypatch):
+    sent: list[dict[str, Any]] = []
+    monkeypatch.setattr(worker_module, "send_progress", lambda _job, payload: sent.append(payload["progress"]))
+    configure(comfy_url=comfy.url, progress_interval=0.5)
+    comfy.faults.delays = {"ImageInvert": 0.05, "SaveImage": 1.5}  # SaveImage starts well within 0.5 s
+    out = await worker_module.handler(job({"workflow": INVERT}))
+    assert "error" not in out, out
+    assert sent and sent[-1]["node_type"] == "SaveImage", sent
+    assert len(sent) <= 3  # still throttled
