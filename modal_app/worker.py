@@ -100,6 +100,7 @@ class ComfyWorker:
         on_dead: Callable[[], Awaitable[None]] | None = None,
         manifest: Manifest | None = None,
         models_dir: str | Path | None = None,
+        interrupt_grace: float = 10.0,
     ):
         self.client = client
         self.store = store
@@ -113,6 +114,8 @@ class ComfyWorker:
         self.manifest = manifest
         self.models_dir = Path(models_dir) if models_dir else None
         self.dead = False
+        self.hung: str | None = None
+        self.interrupt_grace = interrupt_grace
         self._gpu_probed = gpu is not None
 
     # ----------------------------------------------------------------------------------------- health
@@ -135,6 +138,12 @@ class ComfyWorker:
         serving a ComfyUI of its own, ``python -m modal_app.serve``) every check asks again, so jobs are
         refused while ComfyUI is down and taken again once it answers.
         """
+        if self.hung is not None and not self.dead:
+            if not await self.client.stops_within(self.hung, 0):  # still stuck on the prompt
+                raise ProviderUnavailable(
+                    f"ComfyUI at {self.client.url} is still running prompt {self.hung}, which ignored its "
+                    "interrupt; retry later", provider=self.provider)
+            self.hung = None  # it ended after all
         if not self.dead and await self.alive():
             return
         if self.on_dead is None:
@@ -170,6 +179,10 @@ class ComfyWorker:
             if lack and report.state is HealthState.HEALTHY:
                 report.state = HealthState.DEGRADED
                 report.message = f"{len(lack)} of {len(self.manifest)} manifest models are missing"
+        if self.hung is not None:
+            report.state = HealthState.UNHEALTHY
+            report.message = (f"ComfyUI is still running prompt {self.hung}, which ignored its interrupt; this "
+                              "worker stopped taking jobs")
         if self.dead:
             report.state = HealthState.UNHEALTHY
             report.message = report.message or "ComfyUI died; this worker stopped taking jobs"
@@ -257,6 +270,9 @@ class ComfyWorker:
             if isinstance(exc, ProviderUnavailable):
                 with contextlib.suppress(GpuBridgeError):
                     await self.require_alive()
+            if isinstance(exc, JobTimeout) and not await self.client.stops_within(cjob.prompt_id,
+                                                                                 self.interrupt_grace):
+                await self._hung(cjob.prompt_id)
             return await self._end(record, exc)
         except Exception as exc:  # a bug must still end the job, visibly
             log.exception("job %s failed inside the worker", record.job_id)
@@ -273,6 +289,19 @@ class ComfyWorker:
         finally:
             self.client.forget(cjob.prompt_id)
         return await self._succeed(record, result, request)
+
+    async def _hung(self, prompt_id: str) -> None:
+        """ComfyUI keeps running a prompt past its deadline and interrupt: every later job would wait behind
+        it. Stop taking inputs (on Modal the container exits once idle) instead of holding the GPU."""
+        self.hung = prompt_id
+        log.error("ComfyUI did not stop prompt %s within %gs of its interrupt; this worker stops taking jobs",
+                  prompt_id, self.interrupt_grace)
+        if self.on_dead is not None and not self.dead:
+            self.dead = True
+            with contextlib.suppress(Exception):
+                await self.on_dead()
+            with contextlib.suppress(Exception):
+                await self.store.put(HEALTH_KEY, (await self.health()).model_dump(mode="json"))
 
     async def _cancelled(self, cjob: ComfyJob, record: JobRecord) -> None:
         with contextlib.suppress(Exception):

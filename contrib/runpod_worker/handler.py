@@ -288,7 +288,7 @@ class Worker:
             return _dead(exc)
         except JobTimeout as exc:
             out = _failure(exc)
-            if comfy_job is not None and not await self._interrupt_took(client, comfy_job.prompt_id):
+            if comfy_job is not None and not await client.stops_within(comfy_job.prompt_id, self.config.interrupt_grace):
                 # The node ignores the interrupt (a stuck kernel, a blocking custom node): every later job
                 # would wait behind it. Ask RunPod for a fresh worker instead of holding this GPU.
                 self.hung = comfy_job.prompt_id
@@ -308,22 +308,6 @@ class Worker:
                 client.forget(comfy_job.prompt_id)
         self.jobs_run += 1
         return await self._output(job, result, t0)
-
-    async def _interrupt_took(self, client: ComfyClient, prompt_id: str) -> bool:
-        """Whether ComfyUI stopped running ``prompt_id`` within ``interrupt_grace`` seconds."""
-        loop = asyncio.get_running_loop()
-        end = loop.time() + self.config.interrupt_grace
-        while True:
-            try:
-                queue = await client.queue()
-                running = {str(item[1]) for item in queue.get("queue_running", []) if len(item) > 1}
-            except GpuBridgeError:
-                return False  # ComfyUI does not answer either
-            if prompt_id not in running:
-                return True
-            if loop.time() >= end:
-                return False
-            await asyncio.sleep(min(0.2, max(0.0, end - loop.time())))  # polling ComfyUI's queue, bounded
 
     async def _wait(self, comfy_job: ComfyJob) -> None:
         """Wait for the job; with a managed ComfyUI, notice at once when its process dies."""

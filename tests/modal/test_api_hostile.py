@@ -425,3 +425,31 @@ async def test_the_workers_cleanup_survives_a_second_cancel(comfy):
         assert record is not None and record.state is JobState.CANCELLED
     finally:
         await worker.aclose()
+
+
+async def test_a_node_that_ignores_its_interrupt_makes_the_worker_stop_taking_jobs(comfy):
+    """Issue 24 defect 1 (Modal side): a job past its deadline whose node ignores the interrupt ends
+    timed out, and the container stops taking inputs instead of holding the GPU for the jobs behind it."""
+    from gpubridge.comfy import ComfyClient
+    from gpubridge.models import HealthState
+    from gpubridge.server.store import MemoryStore
+    from modal_app.worker import ComfyWorker
+
+    stopped: list[bool] = []
+
+    async def stop_fetching_inputs() -> None:
+        stopped.append(True)
+
+    comfy.faults.hold = {"ImageInvert"}  # a stuck kernel: the interrupt never lands
+    worker = ComfyWorker(ComfyClient(comfy.url, provider="modal"), MemoryStore(), gpu="L40S",
+                         on_dead=stop_fetching_inputs, interrupt_grace=0.5)
+    try:
+        outcome = await asyncio.wait_for(
+            worker.run("job-hung", JobRequest(workflow=Workflow.model_validate(WF), timeout=1)), 30)
+        assert outcome["state"] == "timed_out", outcome
+        assert stopped == [True] and worker.dead
+        report = await worker.health()
+        assert report.state is HealthState.UNHEALTHY and "ignored its interrupt" in (report.message or "")
+    finally:
+        comfy.faults.hold = set()
+        await worker.aclose()

@@ -1383,6 +1383,25 @@ class ComfyClient:
                 return pos
         return None
 
+    async def stops_within(self, prompt_id: str, seconds: float, *, poll: float = 0.2) -> bool:
+        """Whether ComfyUI stops executing ``prompt_id`` within ``seconds`` (after an interrupt or a deadline).
+
+        False when it is still running then, or when ComfyUI does not answer: a node that ignores interrupts
+        (a stuck kernel, a blocking custom node) holds the GPU, and its worker should be replaced."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + seconds
+        while True:
+            try:
+                queue = await self.queue()
+            except GpuBridgeError:
+                return False
+            running = {str(item[1]) for item in queue.get("queue_running", []) if len(item) > 1}
+            if prompt_id not in running:
+                return True
+            if loop.time() >= end:
+                return False
+            await asyncio.sleep(min(poll, max(0.0, end - loop.time())))  # polling ComfyUI's queue, bounded
+
     async def result_of(self, prompt_id: str, *, download: bool = True) -> JobResult:
         """The result of a finished prompt from ``/history`` (for jobs submitted elsewhere)."""
         entry = await self.history(prompt_id)
