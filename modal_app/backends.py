@@ -553,7 +553,8 @@ class ModalBackend(JobBackend):
                 return HealthReport(
                     provider=self.provider,
                     state=HealthState.DEGRADED,
-                    message=f"No GPU container answered within {self.health_timeout:g}s (cold start?)",
+                    message=f"No GPU container answered within {self.health_timeout:g}s: none is up yet "
+                    "(a cold start: the container reports a frozen ComfyUI itself, within its probe timeout)",
                 )
             except GpuBridgeError as exc:
                 return HealthReport(provider=self.provider, state=HealthState.UNHEALTHY, message=str(exc))

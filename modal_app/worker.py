@@ -101,6 +101,7 @@ class ComfyWorker:
         manifest: Manifest | None = None,
         models_dir: str | Path | None = None,
         interrupt_grace: float = 10.0,
+        probe_timeout: float = 5.0,
     ):
         self.client = client
         self.store = store
@@ -116,6 +117,7 @@ class ComfyWorker:
         self.dead = False
         self.hung: str | None = None
         self.interrupt_grace = interrupt_grace
+        self.probe_timeout = probe_timeout  # < the job API's deep health wait (20 s) < a client's (30 s)
         self._gpu_probed = gpu is not None
 
     # ----------------------------------------------------------------------------------------- health
@@ -165,11 +167,15 @@ class ComfyWorker:
 
     async def health(self) -> HealthReport:
         """ComfyUI reachable, queue depth, GPU, version, and the manifest's models ComfyUI can see."""
-        report = await self.client.health()
+        report = await self.client.health(timeout=self.probe_timeout)
         report.provider = self.provider
         if self.process is not None and not self.process.alive():
             report.state = HealthState.UNHEALTHY
             report.message = f"ComfyUI exited with code {self.process.returncode}"
+        elif report.details.get("timeout") and self.process is not None:
+            # Its process runs (it started and answered before) but the API is silent: frozen, not starting.
+            report.message = (f"ComfyUI's process (pid {self.process.pid}) is running but its API did not answer "
+                              f"within {self.probe_timeout:g}s: frozen or overloaded, not a cold start")
         report.details["comfyui"] = "reachable" if report.state is HealthState.HEALTHY else "unreachable"
         if report.state is HealthState.HEALTHY:
             report.details["gpu"] = await self.gpu_type()

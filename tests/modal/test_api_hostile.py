@@ -453,3 +453,41 @@ async def test_a_node_that_ignores_its_interrupt_makes_the_worker_stop_taking_jo
     finally:
         comfy.faults.hold = set()
         await worker.aclose()
+
+
+async def test_a_frozen_comfyui_is_reported_within_the_probe_timeout_and_not_as_a_cold_start(tmp_path):
+    """Issue 24 defect 7: a SIGSTOPped ComfyUI. The worker's probe gives up first (timeouts nest: probe <
+    the job API's deep health wait < a client's) and says the process is frozen, not starting."""
+    import os
+    import shlex
+    import signal
+    import socket
+    import sys
+
+    from gpubridge.comfy import ComfyClient, ComfyProcess
+    from gpubridge.models import HealthState
+    from gpubridge.server.store import MemoryStore
+    from modal_app.backends import ModalBackend
+    from modal_app.worker import ComfyWorker
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = f"{shlex.quote(sys.executable)} -m gpubridge.testing.comfy --host {{host}} --port {{port}} --root {tmp_path}"
+    proc = ComfyProcess(cmd, port=port, start_timeout=60)
+    await asyncio.to_thread(proc.start)
+    defaults = ComfyWorker(ComfyClient(proc.url), MemoryStore())
+    assert defaults.probe_timeout < ModalBackend.__init__.__kwdefaults__["health_timeout"]  # the timeouts nest
+    await defaults.aclose()
+    worker = ComfyWorker(ComfyClient(proc.url, provider="modal"), MemoryStore(), process=proc, gpu="L40S",
+                         probe_timeout=0.5)
+    try:
+        assert (await worker.health()).state is HealthState.HEALTHY
+        os.kill(proc.pid, signal.SIGSTOP)
+        report = await worker.health()
+        assert report.state is HealthState.UNHEALTHY
+        assert "frozen" in report.message and "not a cold start" in report.message
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+        await worker.aclose()
+        await asyncio.to_thread(proc.stop)

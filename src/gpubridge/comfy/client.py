@@ -1416,13 +1416,20 @@ class ComfyClient:
 
     # -------------------------------------------------------------------------------------------- health
 
-    async def health(self) -> HealthReport:
+    async def health(self, *, timeout: float | None = None) -> HealthReport:
+        """ComfyUI's state from ``/system_stats`` and ``/queue``; ``timeout`` bounds the probe (a frozen
+        ComfyUI then answers unhealthy in ``timeout`` seconds, not after the HTTP client's own timeout)."""
         t0 = time.perf_counter()
         try:
-            stats = await self.system_stats()
-            queue = await self.queue()
+            async with asyncio.timeout(timeout):
+                stats = await self.system_stats()
+                queue = await self.queue()
         except GpuBridgeError as exc:
             return HealthReport(provider=self.provider, state=HealthState.UNHEALTHY, message=str(exc))
+        except TimeoutError:
+            return HealthReport(provider=self.provider, state=HealthState.UNHEALTHY,
+                                message=f"ComfyUI at {self.url} did not answer within {timeout:g}s",
+                                details={"timeout": True})
         latency = (time.perf_counter() - t0) * 1000
         system = stats.get("system", {}) if isinstance(stats, Mapping) else {}
         devices = stats.get("devices", []) if isinstance(stats, Mapping) else []
