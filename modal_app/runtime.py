@@ -9,12 +9,13 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import httpx
 
-from gpubridge.comfy import ComfyClient, ComfyProcess, ComfyStartError
+from gpubridge.comfy import ComfyClient, ComfyProcess, ComfyStartError, JobFiles
 from gpubridge.manifest import LinkReport, Manifest, link
 
 from .config import MODAL_APP_DIR, AppConfig
@@ -96,4 +97,6 @@ def make_worker(
         on_dead=on_dead,
         manifest=manifest if manifest is not None else load_manifest(),
         models_dir=config.comfy_models_dir,
+        files=None if os.environ.get("GPUBRIDGE_KEEP_JOB_FILES") else JobFiles(
+            Path(config.comfy_path) / "output", Path(config.comfy_path) / "input"),
     )

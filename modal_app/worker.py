@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from gpubridge.comfy import ComfyClient, ComfyJob, ComfyProcess
+from gpubridge.comfy import ComfyClient, ComfyJob, ComfyProcess, JobFiles
 from gpubridge.errors import (
     GpuBridgeError,
     JobCancelled,
@@ -102,6 +102,7 @@ class ComfyWorker:
         models_dir: str | Path | None = None,
         interrupt_grace: float = 10.0,
         probe_timeout: float = 5.0,
+        files: JobFiles | None = None,
     ):
         self.client = client
         self.store = store
@@ -118,6 +119,7 @@ class ComfyWorker:
         self.hung: str | None = None
         self.interrupt_grace = interrupt_grace
         self.probe_timeout = probe_timeout  # < the job API's deep health wait (20 s) < a client's (30 s)
+        self.files = files  # removes each job's files from ComfyUI's folders once its result is read
         self._gpu_probed = gpu is not None
 
     # ----------------------------------------------------------------------------------------- health
@@ -246,9 +248,16 @@ class ComfyWorker:
         # Still queued: it runs when ComfyUI starts executing it (it may wait behind another prompt).
         record = record.bump(gpu=await self.gpu_type(), prompt_id=prompt_id, message="on a worker")
         await self.store.save(record)
-        cjob = await self.client.submit(
-            request.workflow.to_api(), inputs=request.inputs or None, timeout=remaining, prompt_id=prompt_id
-        )
+        if self.files is not None:
+            self.files.begin()
+        try:
+            cjob = await self.client.submit(
+                request.workflow.to_api(), inputs=request.inputs or None, timeout=remaining, prompt_id=prompt_id
+            )
+        except BaseException:
+            if self.files is not None:
+                self.files.end(None)
+            raise
         return cjob, record
 
     async def finish(self, cjob: ComfyJob, record: JobRecord, request: JobRequest) -> Outcome:
@@ -294,6 +303,11 @@ class ComfyWorker:
             )
         finally:
             self.client.forget(cjob.prompt_id)
+            if self.files is not None:  # the outputs are in memory by now: their files can go
+                try:
+                    self.files.end(cjob)
+                except Exception as exc:
+                    log.warning("could not remove job files: %s", exc)
         return await self._succeed(record, result, request)
 
     async def _hung(self, prompt_id: str) -> None:

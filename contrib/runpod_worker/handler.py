@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from gpubridge.comfy import ComfyClient, ComfyJob, ComfyProcess
+from gpubridge.comfy import ComfyClient, ComfyJob, ComfyProcess, JobFiles
 from gpubridge.errors import (
     AuthError,
     GpuBridgeError,
@@ -97,6 +97,9 @@ class WorkerConfig:
     job_timeout: float | None = None
     interrupt_grace: float = 10.0
     max_output_bytes: int = 10 * 1024 * 1024
+    output_dir: str | None = None
+    input_dir: str | None = None
+    keep_job_files: bool = False
     reconnect_timeout: float = 5.0
     validate: bool = True
     progress_interval: float = 0.5
@@ -116,6 +119,11 @@ class WorkerConfig:
             job_timeout=_env_float("COMFY_JOB_TIMEOUT", None),
             interrupt_grace=_env_float("COMFY_INTERRUPT_GRACE", 10.0) or 0.0,
             max_output_bytes=int((_env_float("GPUBRIDGE_MAX_OUTPUT_MB", 10.0) or 10.0) * 1024 * 1024),
+            output_dir=env.get("COMFY_OUTPUT_DIR") or (str(Path(env["COMFY_PATH"]) / "output")
+                                                       if env.get("COMFY_PATH") else None),
+            input_dir=env.get("COMFY_INPUT_DIR") or (str(Path(env["COMFY_PATH"]) / "input")
+                                                     if env.get("COMFY_PATH") else None),
+            keep_job_files=env.get("GPUBRIDGE_KEEP_JOB_FILES", "").strip().lower() in ("1", "true", "yes", "on"),
             reconnect_timeout=_env_float("COMFY_RECONNECT_TIMEOUT", 5.0) or 5.0,
             validate=env.get("COMFY_VALIDATE", "1").strip().lower() not in ("0", "false", "no", "off"),
             progress_interval=_env_float("GPUBRIDGE_PROGRESS_INTERVAL", 0.5) or 0.0,
@@ -149,6 +157,8 @@ class Worker:
         self.start_error: ComfyDead | None = None
         self.jobs_run = 0
         self.hung: str | None = None  # a prompt ComfyUI would not interrupt: this worker must be replaced
+        cfg = self.config
+        self.files = None if cfg.keep_job_files else JobFiles(cfg.output_dir, cfg.input_dir)
 
     # -- ComfyUI lifecycle
 
@@ -260,6 +270,8 @@ class Worker:
         comfy_job: ComfyJob | None = None
         progress: asyncio.Task[None] | None = None
         prompt_id = str(uuid.uuid4())  # ours, so a job cancelled mid-submit can still be found
+        if self.files is not None:
+            self.files.begin()
         try:
             extra = {}
             key = spec.comfy_org_api_key or self.config.comfy_org_api_key
@@ -306,6 +318,11 @@ class Worker:
                     await progress
             if comfy_job is not None:
                 client.forget(comfy_job.prompt_id)
+            if self.files is not None:  # the outputs are in memory by now: their files can go
+                try:
+                    self.files.end(comfy_job)  # synchronous: it runs even when the job was cancelled
+                except Exception as exc:
+                    log.warning("could not remove job files: %s", exc)
         self.jobs_run += 1
         return await self._output(job, result, t0)
 

@@ -491,3 +491,28 @@ async def test_a_frozen_comfyui_is_reported_within_the_probe_timeout_and_not_as_
         os.kill(proc.pid, signal.SIGCONT)
         await worker.aclose()
         await asyncio.to_thread(proc.stop)
+
+
+async def test_the_modal_worker_removes_a_jobs_files_once_its_result_is_read(comfy):
+    """Issue 24 defect 5 (Modal side): outputs and uploaded inputs do not pile up on a long-lived container."""
+    from pathlib import Path
+
+    from gpubridge.comfy import ComfyClient, JobFiles
+    from gpubridge.models import InputFile
+    from gpubridge.server.store import MemoryStore
+    from modal_app.worker import ComfyWorker
+
+    out_dir, in_dir = Path(comfy.output_dir), Path(comfy.input_dir)
+    worker = ComfyWorker(ComfyClient(comfy.url, provider="modal"), MemoryStore(), gpu="L40S",
+                         files=JobFiles(out_dir, in_dir))
+    wf = {"1": {"class_type": "LoadImage", "inputs": {"image": "face.png"}},
+          "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "x"}}}
+    png = (Path(__file__).parents[2] / "examples" / "inputs" / "input.png").read_bytes()
+    try:
+        outcome = await worker.run("job-files", JobRequest(workflow=Workflow.model_validate(wf),
+                                                           inputs={"face.png": InputFile(data=png)}))
+        assert outcome["state"] == "succeeded", outcome
+        leftovers = [p for root in (out_dir, in_dir) for p in root.rglob("*") if p.is_file() and "gpubridge" in p.parts]
+        assert leftovers == []
+    finally:
+        await worker.aclose()

@@ -104,3 +104,28 @@ async def test_the_node_that_starts_last_is_reported_by_a_trailing_update(worker
     assert "error" not in out, out
     assert sent and sent[-1]["node_type"] == "SaveImage", sent
     assert len(sent) <= 3  # still throttled
+
+
+async def test_a_jobs_files_are_removed_once_its_result_is_built(worker_module, configure, comfy):
+    from pathlib import Path
+
+    from .test_worker import IMG2IMG, INPUT_PNG
+
+    import base64
+
+    image = base64.b64encode(INPUT_PNG).decode()
+    body = {"workflow": IMG2IMG, "images": [{"name": "face.png", "image": image}]}
+    out_dir, in_dir = Path(comfy.output_dir), Path(comfy.input_dir)
+
+    def files(root: Path) -> list[Path]:
+        return sorted(p for p in root.rglob("*") if p.is_file() and "gpubridge" in p.parts)
+
+    configure(comfy_url=comfy.url, progress_interval=0.0, output_dir=str(out_dir), input_dir=str(in_dir))
+    out = await worker_module.handler(job(body))
+    assert "error" not in out and len(out["images"]) == 1, out
+    assert files(out_dir) == [] and files(in_dir) == []  # both gone: the disk does not fill
+
+    configure(comfy_url=comfy.url, progress_interval=0.0, output_dir=str(out_dir), input_dir=str(in_dir),
+              keep_job_files=True)  # kept for debugging when asked
+    out = await worker_module.handler(job(body, "job-2"))
+    assert len(files(out_dir)) == 1 and len(files(in_dir)) == 1

@@ -10,12 +10,14 @@ speaks ComfyUI's protocol.
 """
 
 from .client import ComfyClient, ComfyJob, unreachable_message
+from .files import JobFiles
 from .process import ComfyProcess, ComfyStartError
 from .validate import PromptValidator, ValidationResult, validate_prompt
 
 __all__ = [
     "ComfyClient",
     "ComfyJob",
+    "JobFiles",
     "ComfyProcess",
     "ComfyStartError",
     "PromptValidator",

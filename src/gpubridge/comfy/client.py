@@ -771,6 +771,8 @@ class ComfyClient:
 
         job = ComfyJob(self, prompt_id, sent, deadline)
         job.upload_s = upload_s
+        job.tags["output_prefix"] = prefix  # where its outputs go, and its uploaded inputs (gpubridge.comfy.files)
+        job.tags["input_paths"] = sorted(set(input_paths.values()))
         self._prune_finished()
         self._jobs[prompt_id] = job  # before POST: its first frames can arrive before the response
         job._emit(EventType.QUEUED)
