@@ -54,17 +54,21 @@ async def test_a_hung_node_ends_at_the_deadline_and_the_worker_asks_to_be_replac
 async def test_a_callers_timeout_never_exceeds_the_operators_cap(worker_module, configure, comfy):
     configure(comfy_url=comfy.url, job_timeout=1.0, progress_interval=0.0)
     comfy.faults.delays = {"ImageInvert": 2.5}
-    out = await worker_module.handler(job({"workflow": INVERT, "timeout": 3600}))
-    assert "error" in out and out["details"]["exception_type"] == "JobTimeout", out
-    refused = await worker_module.handler(job({"workflow": INVERT, "timeout": True}, "job-2"))
-    assert "'timeout' must be a positive number" in refused["error"]
+    async with Harness(worker_module) as url, httpx.AsyncClient(base_url=url, timeout=60, trust_env=False) as http:
+        out = (await http.post("/runsync", json={"input": {"workflow": INVERT, "timeout": 3600}})).json()
+        assert out["status"] == "FAILED" and "timed out" in out["error"], out
+        refused = (await http.post("/runsync", json={"input": {"workflow": INVERT, "timeout": True}})).json()
+        assert refused["status"] == "FAILED" and "'timeout' must be a positive number" in refused["error"]
 
 
 async def test_outputs_over_runpods_result_limit_fail_naming_the_limit_and_the_bucket_setting(
     worker_module, configure, comfy
 ):
     configure(comfy_url=comfy.url, max_output_bytes=2000, progress_interval=0.0)
-    out = await worker_module.handler(job({"workflow": INVERT}))
+    async with Harness(worker_module) as url, httpx.AsyncClient(base_url=url, timeout=60, trust_env=False) as http:
+        failed = (await http.post("/runsync", json={"input": {"workflow": INVERT}})).json()
+    assert failed["status"] == "FAILED" and "GPUBRIDGE_MAX_OUTPUT_MB" in failed["error"], failed
+    out = await worker_module.handler(job({"workflow": INVERT}, "job-2"))
     assert out["details"]["exception_type"] == "OutputTooLarge", out
     assert "BUCKET_ENDPOINT_URL" in out["error"] and "GPUBRIDGE_MAX_OUTPUT_MB" in out["error"]
     assert out["details"]["size"] > out["details"]["limit"] == 2000 and out["details"]["files"] == 2
