@@ -401,6 +401,56 @@ def health(
 
 
 @app.command()
+def check(
+    workflow: Annotated[Path, typer.Argument(help="API-format workflow JSON.", exists=True, dir_okay=False)],
+    provider: ProviderOpt = None,
+    as_json: JsonOpt = False,
+    config: ConfigOpt = None,
+    url: UrlOpt = None,
+) -> None:
+    """Can each provider run WORKFLOW? Names missing node classes (and their node pack) and model files,
+    and what is wrong everywhere (dangling links, no output node). Exit 1 when no provider can run it."""
+    from .comfy.preflight import preflight
+
+    settings = Settings.load(config)
+    names = [provider] if provider else [settings.provider, *[f for f in settings.fallbacks if f != settings.provider]]
+    prompt = Workflow.load(workflow).to_api()
+
+    async def main() -> dict[str, Any]:
+        registry = get_registry()
+        found: dict[str, Any] = {}
+        for name in names:
+            options: dict[str, Any] = {"url": url} if url and name == names[0] else {}
+            runner = registry.create_runner(name, settings, **options)
+            try:
+                info = await runner.capabilities()
+            finally:
+                await runner.aclose()
+            if info is None:
+                found[name] = {"can_run": None, "problems": [], "note": "this provider cannot report what it can run"}
+                continue
+            problems = preflight(prompt, info)
+            found[name] = {"can_run": not problems, "problems": [p.to_dict() for p in problems]}
+        return found
+
+    results = _execute(main, as_json=as_json)
+    runnable = any(r["can_run"] is not False for r in results.values())
+    if as_json:
+        print(json.dumps({"workflow": str(workflow), "providers": results}, indent=2))
+    else:
+        table = Table(title=f"can each provider run {workflow.name}?", title_justify="left")
+        table.add_column("provider", style="bold")
+        table.add_column("can run")
+        table.add_column("why not")
+        for name, r in results.items():
+            verdict = {True: "[green]yes[/]", False: "[red]no[/]", None: "[yellow]unknown[/]"}[r["can_run"]]
+            why = "\n".join(p["message"] for p in r["problems"]) or r.get("note", "")
+            table.add_row(name, verdict, why)
+        out.print(table)
+    raise typer.Exit(0 if runnable else 1)
+
+
+@app.command()
 def providers(as_json: JsonOpt = False) -> None:
     """List the registered providers, where each comes from, and plugins that failed to load."""
     registry = get_registry()

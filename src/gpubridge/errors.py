@@ -11,12 +11,14 @@ the original has been cancelled::
     ├── WorkflowError                the workflow itself is wrong (fails before any GPU time)
     │   ├── WorkflowFormatError      not an API-format graph (UI export, not JSON, ...)
     │   ├── WorkflowInputError       --set/--input names an unknown node or input, bad image data
-    │   └── WorkflowInvalid          ComfyUI-style validation failed; carries node_errors
+    │   ├── WorkflowInvalid          ComfyUI-style validation failed; carries node_errors
+    │   └── WorkflowUnsupported      no provider has what the workflow needs (node classes, models)
     ├── PayloadTooLarge              request over the backend's size limit
     ├── AuthError                    credentials missing or rejected (401/403)
     ├── InvalidRequest               a malformed API request (bad JSON, parameter, header)  not retryable
     ├── Conflict                     not now: the job has not ended yet (DELETE during a cancel) retryable
     ├── ProviderError                the backend could not be reached or misbehaved       retryable
+    │   ├── CapabilityMissing        this backend lacks a node class or model file the workflow needs
     │   ├── ProviderUnavailable      connection refused/reset, 5xx, health red, worker crashed
     │   ├── RateLimited              429 / throttled; carries retry_after
     │   ├── ProtocolError            a response we could not understand (malformed JSON, ...)
@@ -46,6 +48,8 @@ __all__ = [
     "WorkflowFormatError",
     "WorkflowInputError",
     "WorkflowInvalid",
+    "WorkflowUnsupported",
+    "CapabilityMissing",
     "NodeError",
     "PayloadTooLarge",
     "AuthError",
@@ -233,6 +237,19 @@ def _flatten_node_errors(node_errors: Mapping[str, Any]):
             )
 
 
+class WorkflowUnsupported(WorkflowError):
+    """No provider can run the workflow: each lacks a node class or model file it needs. ``problems``
+    lists them per provider (dicts of :class:`gpubridge.comfy.preflight.Problem`)."""
+
+    def __init__(self, message: str, *, problems: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
+                 **kw: Any):
+        super().__init__(message, **kw)
+        self.problems = {k: list(v) for k, v in (problems or {}).items()}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "problems": self.problems}
+
+
 class PayloadTooLarge(GpuBridgeError):
     """The request is larger than the backend accepts. ``size`` and ``limit`` are in bytes."""
 
@@ -266,6 +283,15 @@ class ProviderError(GpuBridgeError):
     def __init__(self, message: str, *, status_code: int | None = None, **kw: Any):
         super().__init__(message, **kw)
         self.status_code = status_code
+
+
+class CapabilityMissing(ProviderError):
+    """This backend lacks a node class or model file the workflow needs (found before submitting it);
+    another backend may have it. ``problems``: what is missing, as dicts."""
+
+    def __init__(self, message: str, *, problems: Sequence[Mapping[str, Any]] = (), **kw: Any):
+        super().__init__(message, **kw)
+        self.problems = list(problems)
 
 
 class ProviderUnavailable(ProviderError):

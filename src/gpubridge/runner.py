@@ -29,7 +29,7 @@ import contextlib
 import inspect
 import time
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar, Union
@@ -106,6 +106,12 @@ class WorkflowRunner(abc.ABC):
     @abc.abstractmethod
     async def health(self) -> HealthReport:
         """An active health check of the backend."""
+
+    async def capabilities(self) -> Mapping[str, Any] | None:
+        """What this backend can run, as ComfyUI's ``/object_info`` (node classes, and model files in the
+        loaders' options), or None when it cannot say. Routing skips a backend that lacks what a workflow
+        needs (:func:`gpubridge.comfy.preflight.preflight`)."""
+        return None
 
     async def result(self, job: JobRef, *, timeout: float | None = None) -> JobResult:
         """Alias of :meth:`wait`."""
@@ -246,6 +252,9 @@ class RunnerWrapper(WorkflowRunner):
 
     async def health(self) -> HealthReport:
         return await self.inner.health()
+
+    async def capabilities(self) -> Mapping[str, Any] | None:
+        return await self.inner.capabilities()
 
     async def aclose(self) -> None:
         await self.inner.aclose()

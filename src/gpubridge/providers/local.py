@@ -15,7 +15,7 @@ from pydantic_settings import SettingsConfigDict
 
 from ..comfy import ComfyClient, ComfyJob
 from ..config import DEFAULT_COMFY_URL, ProviderSettings, Settings
-from ..errors import JobTimeout
+from ..errors import GpuBridgeError, JobTimeout
 from ..models import HealthReport, JobEvent, JobHandle, JobRequest, JobResult, JobState, JobStatus
 from ..plugins import ProviderSpec, hookimpl
 from ..runner import JobRef, WorkflowRunner, job_id_of, poll_events
@@ -160,6 +160,13 @@ class LocalRunner(WorkflowRunner):
 
     async def health(self) -> HealthReport:
         return await self.client.health()
+
+    async def capabilities(self) -> dict[str, Any] | None:
+        """ComfyUI's ``/object_info`` (cached by the client); None while it does not answer."""
+        try:
+            return await self.client.object_info()
+        except GpuBridgeError:
+            return None
 
     async def aclose(self) -> None:
         await self.client.aclose()

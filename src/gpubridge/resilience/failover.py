@@ -39,7 +39,8 @@ from typing import Any
 from pydantic import BaseModel, Field
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
-from ..errors import GpuBridgeError, JobCancelled, JobNotFound, JobTimeout, ProviderError
+from ..comfy.preflight import preflight
+from ..errors import GpuBridgeError, JobCancelled, JobNotFound, JobTimeout, ProviderError, WorkflowUnsupported
 from ..models import (
     STATE_EVENTS,
     Attempt,
@@ -84,6 +85,10 @@ class ResilienceConfig(BaseModel):
     once its ttl passes); what it still could not cancel then is reported in ``cancel_failures``."""
     reap_initial_s: float = Field(default=1.0, gt=0)
     reap_max_s: float = Field(default=30.0, gt=0)
+    preflight: bool = True
+    """Skip providers whose capabilities lack a node class or model file the workflow needs."""
+    preflight_timeout: float = Field(default=5.0, gt=0)
+    """Seconds to wait for a provider's capabilities before sending it the job regardless."""
     breaker_window_s: float = 60.0
     breaker_min_calls: int = 10
     breaker_failure_rate: float = 0.5
@@ -125,6 +130,7 @@ class _Supervised:
     accepted: asyncio.Future[JobHandle] | None = None
     attempts: list[Attempt] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
+    excluded: set[str] = field(default_factory=set)  # providers that lack what the job needs
     current: tuple[str, JobHandle] | None = None
     started: asyncio.Event = field(default_factory=asyncio.Event)
     cancel_requested: bool = False
@@ -186,7 +192,7 @@ class FailoverRunner(WorkflowRunner):
         self.cancel_failures: list[tuple[str, str]] = []
         """(provider, job id) of attempts the reaper gave up on after ``reap_for_s`` (it may have run)."""
         self.counters = {
-            "submitted": 0, "succeeded": 0, "failed": 0, "failovers": 0, "stuck": 0, "panic": 0,
+            "submitted": 0, "succeeded": 0, "failed": 0, "failovers": 0, "stuck": 0, "panic": 0, "skipped": 0,
             "unconfirmed_submits": 0,
         }
 
@@ -268,6 +274,7 @@ class FailoverRunner(WorkflowRunner):
         )
         provider: str | None = None
         try:
+            await self._preflight(sup)
             async for attempt in retrying:
                 with attempt:
                     provider, result = await self._attempt(sup)
@@ -294,6 +301,44 @@ class FailoverRunner(WorkflowRunner):
             if sup.forwarder is not None:
                 sup.forwarder.cancel()
 
+    async def _preflight(self, sup: _Supervised) -> None:
+        """Skip the providers that lack a node class or model file the workflow needs (as their
+        ``capabilities()`` say), before any submit or cold start; each is listed as a skipped attempt.
+        A provider that cannot say (or does not answer in time) is not skipped."""
+        if not self.config.preflight or len(self.runners) < 2:
+            return  # one provider: its own validation names what it lacks
+        try:
+            prompt = sup.request.workflow.to_api()
+        except Exception:
+            return  # the submit reports a malformed workflow
+
+        async def lacks(name: str, runner: WorkflowRunner) -> tuple[str, list[dict[str, Any]]]:
+            try:
+                info = await asyncio.wait_for(runner.capabilities(), self.config.preflight_timeout)
+            except Exception as exc:  # noqa: BLE001 - unknown capabilities never block a provider
+                log.debug("capabilities of %s unknown: %s", name, exc)
+                return name, []
+            if not info:
+                return name, []
+            return name, [p.to_dict() for p in preflight(prompt, info) if p.backend_lacks]
+
+        found = await asyncio.gather(*(lacks(n, r) for n, r in self.runners.items()))
+        lacking = {name: problems for name, problems in found if problems}
+        now = time.time()
+        for name, problems in lacking.items():
+            sup.excluded.add(name)
+            self.counters["skipped"] += 1
+            sup.attempts.append(Attempt(provider=name, outcome="skipped", started_at=now, ended_at=now, error={
+                "type": "CapabilityMissing", "retryable": True, "provider": name, "problems": problems,
+                "message": f"{name} cannot run this workflow: " + "; ".join(p["message"] for p in problems),
+            }))
+        if lacking and len(lacking) == len(self.runners):
+            raise WorkflowUnsupported(
+                "No provider can run this workflow: " + " | ".join(
+                    f"{name}: " + "; ".join(p["message"] for p in problems) for name, problems in lacking.items()),
+                problems=lacking,
+            )
+
     @staticmethod
     async def _backoff_sleep(sup: _Supervised, delay: float) -> None:
         """The backoff between two attempts; a caller's cancel ends it at once."""
@@ -316,7 +361,7 @@ class FailoverRunner(WorkflowRunner):
         def wait(state: RetryCallState) -> float:
             exc = state.outcome.exception() if state.outcome else None
             # Another provider can be tried at once; the same one only after a backoff (and Retry-After).
-            nxt = self.policy.choose({n: _Peek(b) for n, b in self.breakers.items()}, sup.failed)
+            nxt = self.policy.choose({n: _Peek(b) for n, b in self.breakers.items()}, sup.failed, sup.excluded)
             last = sup.attempts[-1].provider if sup.attempts else None
             if nxt.provider != last:
                 return 0.0
@@ -353,12 +398,13 @@ class FailoverRunner(WorkflowRunner):
     async def _attempt(self, sup: _Supervised) -> tuple[str, JobResult]:
         if sup.cancel_requested:  # checked before every attempt: a cancel during a backoff is not lost
             raise JobCancelled(f"Job {sup.id or sup.request.request_id} was cancelled", job_id=sup.id or None)
-        choice = self.policy.choose(self.breakers, sup.failed)
+        choice = self.policy.choose(self.breakers, sup.failed, sup.excluded)
         name = choice.provider
-        assert name is not None
+        assert name is not None  # _preflight raised if every provider is excluded
         runner = self.runners[name]
         breaker = self.breakers[name]
-        previous = sup.attempts[-1].provider if sup.attempts else None
+        tried = [a for a in sup.attempts if a.outcome != "skipped"]
+        previous = tried[-1].provider if tried else None
         if choice.panic:
             self.counters["panic"] += 1
             log.warning("all circuits open; trying %s anyway (panic mode)", name)

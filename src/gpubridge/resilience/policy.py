@@ -9,7 +9,7 @@ from __future__ import annotations
 import collections
 import random
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from ..errors import AuthError, GpuBridgeError, RateLimited, WorkflowError, is_retryable
@@ -102,17 +102,23 @@ class FailoverPolicy:
             raise ValueError("FailoverPolicy needs at least one provider")
         self.order = list(order)
 
-    def choose(self, breakers: Mapping[str, CircuitBreaker], failed: Sequence[str] = ()) -> FailoverChoice:
-        fresh = [p for p in self.order if p not in failed]
+    def choose(self, breakers: Mapping[str, CircuitBreaker], failed: Sequence[str] = (),
+               exclude: Collection[str] = ()) -> FailoverChoice:
+        """The provider for the next attempt. ``exclude``: providers that cannot run this job at all (they
+        lack a node class or model file); never chosen."""
+        order = [p for p in self.order if p not in exclude]
+        if not order:
+            return FailoverChoice(None, reason="no provider can run this job")
+        fresh = [p for p in order if p not in failed]
         for name in fresh:
             if breakers[name].allow():
                 return FailoverChoice(name, reason="first healthy provider in order")
-        for name in self.order:
+        for name in order:
             if name in fresh:
                 continue
             if breakers[name].allow():
                 return FailoverChoice(name, reason="every other provider failed; trying again")
-        pick = (fresh or self.order)[0]
+        pick = (fresh or order)[0]
         return FailoverChoice(pick, panic=True, reason="every circuit is open (panic mode)")
 
 
