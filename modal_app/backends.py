@@ -293,6 +293,12 @@ class InProcessBackend(JobBackend):
     async def health(self, *, deep: bool = False) -> HealthReport:
         return await self.worker.health()
 
+    async def capabilities(self) -> dict[str, Any] | None:
+        try:
+            return await self.worker.client.object_info()
+        except GpuBridgeError:
+            return None
+
     async def aclose(self) -> None:
         tasks = [j.task for j in self.jobs.values() if not j.task.done()]
         for t in tasks:

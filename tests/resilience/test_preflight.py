@@ -104,3 +104,28 @@ def test_gpubridge_check_names_a_missing_node_class_and_a_missing_checkpoint(tmp
     assert "juggernaut_xl.safetensors" in res.output and "checkpoints" in res.output
     assert ok.exit_code == 0, ok.output
     assert json.loads(ok.stdout)["providers"]["local"]["can_run"] is True
+
+
+async def test_the_job_api_reports_capabilities_and_the_modal_provider_is_skipped_when_it_lacks_a_model(
+    tmp_path: Path,
+):
+    """GET /v1/capabilities on the job API (over a ComfyUI that lacks the Flux UNet) lets a failover runner
+    skip the Modal provider without submitting to it."""
+    from gpubridge.providers.modal import ModalRunner
+
+    from ..modal.conftest import TOKEN, serve_api
+
+    with ComfyDouble(root=tmp_path / "a", model_files={"diffusion_models": []}).run_in_thread() as lacking, \
+            ComfyDouble(root=tmp_path / "b").run_in_thread() as full:
+        with serve_api(lacking.url) as (api_url, _backend):
+            modal = ModalRunner(api_url, token=TOKEN, name="modal")
+            info = await modal.capabilities()
+            assert info is not None and "UNETLoader" in info
+            runner = FailoverRunner([modal, LocalRunner(full.url, name="local")])
+            try:
+                result = await runner.run(FLUX, timeout=60)
+            finally:
+                await runner.aclose()
+        assert result.provider == "local"
+        assert lacking.stats.prompts_received == 0
+        assert [(a.provider, a.outcome) for a in result.attempts] == [("modal", "skipped"), ("local", "succeeded")]

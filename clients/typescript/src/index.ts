@@ -245,6 +245,18 @@ export class GpuBridge {
   }
 
   /** The backend's health (an unhealthy report is returned, not thrown). */
+  /** What the backend can run: ComfyUI's `/object_info` (node classes, model files), or null. */
+  async capabilities(options: { signal?: AbortSignal } = {}): Promise<Record<string, unknown> | null> {
+    let result;
+    try {
+      result = await this.http.GET("/v1/capabilities", { signal: options.signal });
+    } catch (err) {
+      throw this.transport(err);
+    }
+    if (result.error !== undefined || result.data === undefined) throw this.failure(result.response, result.error);
+    return (result.data.object_info as Record<string, unknown> | null | undefined) ?? null;
+  }
+
   async health(options: { deep?: boolean; signal?: AbortSignal } = {}): Promise<HealthReport> {
     let result;
     try {

@@ -4,6 +4,23 @@
  */
 
 export interface paths {
+    "/v1/capabilities": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** What this backend can run: ComfyUI's /object_info (node classes, model files), or null */
+        get: operations["capabilities"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/v1/health": {
         parameters: {
             query?: never;
@@ -154,6 +171,17 @@ export interface components {
             provider: string;
             /** Started At */
             started_at?: number | null;
+        };
+        /**
+         * Capabilities
+         * @description What a backend can run: ComfyUI's ``/object_info`` (null when the backend cannot say). Clients run
+         *     :func:`gpubridge.comfy.preflight.preflight` against it to skip a backend that lacks a node or model.
+         */
+        Capabilities: {
+            /** Object Info */
+            object_info?: {
+                [key: string]: unknown;
+            } | null;
         };
         /** Cost */
         Cost: {
@@ -496,6 +524,53 @@ export interface components {
 }
 export type $defs = Record<string, never>;
 export interface operations {
+    capabilities: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Capabilities"];
+                };
+            };
+            /** @description Missing or invalid credentials (AuthError) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Invalid request: body, parameter or header (InvalidRequest, WorkflowFormatError, WorkflowInputError, WorkflowInvalid), or an Idempotency-Key reused with another body */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description A bug in the server (InternalError) */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
     health_v1_health_get: {
         parameters: {
             query?: {

@@ -139,6 +139,13 @@ describe("cancel and timeouts", () => {
   });
 });
 
+describe("capabilities", () => {
+  it("reports the node classes the backend has", async () => {
+    const info = await gb.capabilities();
+    assert.ok(info && "SaveImage" in info && "ImageInvert" in info);
+  });
+});
+
 describe("RunPod-shaped calls", () => {
   it("today's RunPod fetch call works with only the base URL and key changed", { skip: process.env.GPUBRIDGE_TS_SERVER === "modal_app" }, async () => {
     // Shaped exactly like the RunPod call the TypeScript API makes today.

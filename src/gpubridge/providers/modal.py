@@ -254,6 +254,8 @@ class ModalRunner(WorkflowRunner):
         self.name = name
         self.url = url.rstrip("/")
         self.shown_url = redact_url(self.url)  # for messages and reprs: never a user:password@
+        self.capabilities_ttl = 300.0
+        self._capabilities: tuple[float, dict[str, Any] | None] | None = None
         self.default_timeout = default_timeout
         self.request_timeout = request_timeout
         self.long_poll = long_poll
@@ -548,6 +550,21 @@ class ModalRunner(WorkflowRunner):
                     max=p.max,
                 )
             version = env.version
+
+    async def capabilities(self) -> dict[str, Any] | None:
+        """``GET /v1/capabilities`` (ComfyUI's /object_info on the workers), cached for
+        ``capabilities_ttl`` seconds; None when the job API cannot say or does not answer."""
+        now = time.monotonic()
+        if self._capabilities is not None and now - self._capabilities[0] < self.capabilities_ttl:
+            return self._capabilities[1]
+        try:
+            resp = await self._http.get("/v1/capabilities")
+            info = resp.json().get("object_info") if resp.status_code == 200 else None
+        except (httpx.HTTPError, ValueError, AttributeError):
+            return None
+        info = info if isinstance(info, dict) else None
+        self._capabilities = (now, info)
+        return info
 
     async def health(self, *, deep: bool = False) -> HealthReport:
         t0 = time.perf_counter()

@@ -53,7 +53,7 @@ from gpubridge.config import WebhookSettings
 
 from .backend import JobBackend
 from .webhooks import WebhookDispatcher
-from .schema import ErrorBody, JobEnvelope, error_dict, error_headers, fingerprint, http_status
+from .schema import Capabilities, ErrorBody, JobEnvelope, error_dict, error_headers, fingerprint, http_status
 
 __all__ = ["create_app"]
 
@@ -460,6 +460,17 @@ def create_app(
         if env.terminal:
             return _json(env)
         return _json(env, 202, {"Location": f"/v1/jobs/{env.job_id}"})
+
+    @app.get(
+        "/v1/capabilities",
+        response_model=Capabilities,
+        responses=_HEALTH_ERRORS,
+        dependencies=v1,
+        summary="What this backend can run: ComfyUI's /object_info (node classes, model files), or null",
+        operation_id="capabilities",
+    )
+    async def capabilities() -> Response:
+        return _json(Capabilities(object_info=await backend.capabilities()))
 
     @app.get(
         "/v1/health",

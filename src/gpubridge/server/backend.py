@@ -150,6 +150,11 @@ class JobBackend(abc.ABC):
     @abc.abstractmethod
     async def health(self, *, deep: bool = False) -> HealthReport: ...
 
+    async def capabilities(self) -> dict[str, Any] | None:
+        """ComfyUI's ``/object_info`` for what this backend runs (node classes, model files), or None when
+        it cannot say (``GET /v1/capabilities``)."""
+        return None
+
     async def start(self) -> None:
         """Called once when the server starts (adopt jobs a previous run left, start background work)."""
 

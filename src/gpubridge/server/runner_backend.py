@@ -577,6 +577,10 @@ class RunnerBackend(JobBackend):
     async def health(self, *, deep: bool = False) -> HealthReport:
         return await self.runner.health()
 
+    async def capabilities(self) -> dict[str, Any] | None:
+        info = await self.runner.capabilities()
+        return dict(info) if info is not None else None
+
     async def _prune(self) -> None:
         try:
             keys = await self.store.keys("job:")

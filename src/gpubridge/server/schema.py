@@ -159,6 +159,13 @@ class JobEnvelope(BaseModel):
         return self.status.state.is_terminal
 
 
+class Capabilities(BaseModel):
+    """What a backend can run: ComfyUI's ``/object_info`` (null when the backend cannot say). Clients run
+    :func:`gpubridge.comfy.preflight.preflight` against it to skip a backend that lacks a node or model."""
+
+    object_info: dict[str, Any] | None = None
+
+
 class ErrorDetail(BaseModel):
     """What went wrong: the gpubridge error type, a message, and whether the same request may succeed
     later; type-specific fields (``retry_after``, ``job_id``, ``node_errors``, ...) ride along."""
