@@ -77,11 +77,13 @@ async def test_worker_comfyui_input_and_output_shape(worker: ModuleType, comfy: 
 async def test_video_gif_and_text_outputs(worker: ModuleType):
     out = await worker.handler(job({"workflow": MEDIA}))
     assert "error" not in out, out
-    assert [g["mime_type"] for g in out["gifs"]] == ["image/webp"]
-    assert [v["mime_type"] for v in out["videos"]] == ["video/webm"]
-    assert base64.b64decode(out["videos"][0]["data"]).startswith(b"\x1aE\xdf\xa3")  # EBML header
+    # worker-comfyui's clients read output.images: the animated WebP and the video are there, as ComfyUI
+    # listed them under "images"
+    assert [i["mime_type"] for i in out["images"]] == ["image/webp", "video/webm"]
+    assert all(i["animated"] for i in out["images"])
+    assert base64.b64decode(out["images"][1]["data"]).startswith(b"\x1aE\xdf\xa3")  # EBML header
     assert out["text"] == [{"node_id": "4", "text": "hello from node 4"}]
-    assert out["images"] == []
+    assert "gifs" not in out and "videos" not in out
     assert "status" not in out  # worker-comfyui's "success_no_images" only when nothing came out
 
 
@@ -225,7 +227,8 @@ async def test_runpod_harness_runsync_run_and_failure(worker: ModuleType, comfy:
 
         run = (await http.post("/run", json={"input": {"workflow": MEDIA}})).json()
         status = (await http.post(f"/status/{run['id']}")).json()  # the harness runs /run jobs here
-        assert status["status"] == "COMPLETED" and status["output"]["videos"]
+        assert status["status"] == "COMPLETED" and [i["mime_type"] for i in status["output"]["images"]] == [
+            "image/webp", "video/webm"]
 
         comfy.faults.error = ErrorFault(class_type="ImageInvert", exception_message="boom")
         failed = (await http.post("/runsync", json={"input": {"workflow": INVERT}})).json()

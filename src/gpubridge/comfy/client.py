@@ -1549,7 +1549,9 @@ def _artifact(
         width=width,
         height=height,
         size=len(data),
-        metadata={"animated": True} if animated else {},
+        # ``key``: the ComfyUI output list it came from ("images", "gifs", "audio", ...), as clients of
+        # worker-comfyui see it (every non-temp "images" entry is an image to them, animated or not).
+        metadata={**({"animated": True} if animated else {}), **({"key": ref.key} if ref else {})},
     )
 
 

@@ -162,7 +162,22 @@ def file_entry(art: Artifact, index: int, *, data: str | None = None, type_: str
         entry["width"], entry["height"] = art.width, art.height
     if art.size is not None:
         entry["size"] = art.size
+    if art.metadata.get("animated"):
+        entry["animated"] = True
     return entry
+
+
+def output_key(art: Artifact) -> str:
+    """Where an output goes. ``images`` holds exactly what worker-comfyui puts there: every non-temp entry
+    of a node's ComfyUI ``images`` list (animated WebP and core video saves included), so its clients get
+    everything; the rest go beside it by kind (``gifs``, ``videos``, ``audio``, ``files``), and temp
+    previews under ``previews`` (worker-comfyui drops them)."""
+    if art.type == "temp":
+        return "previews"
+    key = art.metadata.get("key")
+    if key == "images" or (key is None and art.kind in (ArtifactKind.IMAGE, ArtifactKind.ANIMATION)):
+        return "images"
+    return KIND_KEY.get(art.kind, "files")
 
 
 def output_of(result: JobResult, *, version: str, entries: list[tuple[Artifact, dict[str, Any]]] | None = None,
@@ -173,13 +188,13 @@ def output_of(result: JobResult, *, version: str, entries: list[tuple[Artifact, 
         entries = [(a, file_entry(a, i)) for i, a in enumerate(result.artifacts) if a.kind is not ArtifactKind.TEXT]
     out: dict[str, Any] = {"images": []}
     for art, entry in entries:
-        out.setdefault(KIND_KEY.get(art.kind, "files"), []).append(entry)
+        out.setdefault(output_key(art), []).append(entry)
     texts = [{"node_id": a.node_id, "text": a.text or ""} for a in result.artifacts if a.kind is ArtifactKind.TEXT]
     if texts:
         out["text"] = texts
     if result.warnings:
         out["errors"] = list(result.warnings)
-    if not any(out.get(k) for k in KIND_KEY.values()) and not texts and not result.warnings:
+    if not any(out.get(k) for k in (*KIND_KEY.values(), "previews")) and not texts and not result.warnings:
         out["status"] = "success_no_images"  # worker-comfyui's marker
     t = result.timings
     out["timings"] = dict(timings) if timings is not None else {

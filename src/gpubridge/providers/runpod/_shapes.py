@@ -26,7 +26,7 @@ _STATES = {
     "TIMED_OUT": JobState.TIMED_OUT,
 }
 # Output keys that list files, in worker-comfyui's shape ({"filename", "type": "base64"|"s3_url", "data"}).
-_FILE_KEYS = ("images", "videos", "gifs", "audio", "files")
+_FILE_KEYS = ("images", "videos", "gifs", "audio", "files", "previews")
 
 
 @contextlib.contextmanager
@@ -234,7 +234,7 @@ def _artifact_of(key: str, item: Mapping[str, Any]) -> Artifact | None:
     elif key == "gifs":
         kind = artifact_kind(mime, animated=True) if mime else ArtifactKind.ANIMATION
     else:
-        kind = artifact_kind(mime)
+        kind = artifact_kind(mime, animated=bool(item.get("animated")))
     return Artifact(
         node_id=str(item.get("node_id", "")),
         kind=kind,
