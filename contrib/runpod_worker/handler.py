@@ -290,8 +290,14 @@ class Worker:
         except asyncio.CancelledError:
             # RunPod cancelled the job (cancel request or executionTimeout): stop it in ComfyUI too.
             if comfy_job is None or not comfy_job.finished:
+                grace = self.config.interrupt_grace
                 with contextlib.suppress(Exception):
-                    await asyncio.shield(asyncio.wait_for(client.cancel(comfy_job or prompt_id), 10))
+                    await asyncio.shield(asyncio.wait_for(client.cancel(comfy_job or prompt_id), max(grace, 0.1)))
+                # A node that ignores the interrupt keeps the GPU: the next job must not wait behind it.
+                # The job is gone (RunPod cancelled it), so the next one asks for the replacement.
+                with contextlib.suppress(Exception):
+                    if not await asyncio.shield(client.stops_within(prompt_id, 0)):
+                        self.hung = prompt_id
             raise
         except ComfyDead as exc:
             if comfy_job is not None:

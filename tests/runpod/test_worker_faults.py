@@ -133,3 +133,21 @@ async def test_a_jobs_files_are_removed_once_its_result_is_built(worker_module, 
               keep_job_files=True)  # kept for debugging when asked
     out = await worker_module.handler(job(body, "job-2"))
     assert len(files(out_dir)) == 1 and len(files(in_dir)) == 1
+
+
+async def test_a_job_cancelled_by_runpod_on_a_hung_node_makes_the_next_job_ask_for_a_new_worker(
+    worker_module, configure, comfy
+):
+    configure(comfy_url=comfy.url, interrupt_grace=0.5, progress_interval=0.0)
+    comfy.hold("ImageInvert")  # ignores the interrupt
+    try:
+        task = asyncio.create_task(worker_module.handler(job({"workflow": INVERT})))
+        await comfy.wait_until(lambda: bool(comfy.queue_running))
+        task.cancel()  # what the SDK does on a RunPod cancel or executionTimeout
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        out = await worker_module.handler(job({"workflow": INVERT}, "job-2"))
+        assert out["refresh_worker"] is True and "ignored its interrupt" in out["error"]
+        assert comfy.stats.prompts_accepted == 1  # the next job was not queued behind the stuck one
+    finally:
+        comfy.release("ImageInvert")
