@@ -99,6 +99,7 @@ class RunPodRunner(WorkflowRunner):
         stalled_unhealthy_s: float = 120.0,
         rate_limits: bool | Mapping[str, tuple[int, float]] | EndpointLimits = True,
         cancel_grace: float = 5.0,
+        worker: str = "worker-comfyui",
         max_body_bytes: int = MAX_BODY_BYTES,
         transport: httpx.AsyncBaseTransport | None = None,
     ):
@@ -130,6 +131,7 @@ class RunPodRunner(WorkflowRunner):
         self.webhook = webhook
         self.sync_wait = sync_wait
         self.max_payload_bytes = max_payload_bytes
+        self.worker = worker
         self.health_resample = health_resample
         self.retry_initial = retry_initial
         self.retry_max_wait = retry_max_wait
@@ -202,6 +204,7 @@ class RunPodRunner(WorkflowRunner):
             stalled_unhealthy_s=cfg.stalled_unhealthy_s,
             rate_limits=cfg.rate_limits,
             cancel_grace=cfg.cancel_grace,
+            worker=cfg.worker,
         )
 
     def __repr__(self) -> str:
@@ -281,7 +284,26 @@ class RunPodRunner(WorkflowRunner):
                     await asyncio.shield(self.cancel(handle))
             raise
 
+    async def _inline_url_inputs(self, request: JobRequest) -> JobRequest:
+        """For a stock worker-comfyui (which base64-decodes every image): fetch URL inputs here, through
+        the guarded fetcher, and send their bytes; the payload limit then applies to them too."""
+        if self.worker == "gpubridge" or not request.inputs:
+            return request
+        urls = {n: InputFile.coerce(f) for n, f in request.inputs.items()}
+        urls = {n: f for n, f in urls.items() if f.data is None and f.url}
+        if not urls:
+            return request
+        from ...fetch import UrlFetcher
+
+        fetcher = UrlFetcher.from_settings()
+        fetched = {n: await fetcher.fetch(f.url or "", name=n) for n, f in urls.items()}
+        inputs = dict(request.inputs)
+        for name, got in fetched.items():
+            inputs[name] = InputFile(data=got.data, mime_type=got.content_type)
+        return request.model_copy(update={"inputs": inputs})
+
     async def _submit(self, request: JobRequest, *, sync_wait: float | None = None) -> JobHandle:
+        request = await self._inline_url_inputs(request)
         content = self.encode_body(request)
         timeout = request.timeout or self.default_timeout
         submitted = time.time()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
@@ -86,4 +88,8 @@ class RunPodSettings(ProviderSettings):
     limiter per route shared by every runner of the endpoint in this process."""
     cancel_grace: float = Field(default=5.0, gt=0)
     """How long the poller tries to cancel a job at its deadline before reporting it may still run."""
+    worker: Literal["worker-comfyui", "gpubridge"] = "worker-comfyui"
+    """What the endpoint runs. A stock worker-comfyui base64-decodes every ``images[].image``, so URL
+    inputs are fetched here (through the guarded fetcher) and sent inline, within the size limit; with
+    ``gpubridge`` (contrib/runpod_worker) they are passed as URLs and the worker downloads them."""
 
