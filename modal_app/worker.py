@@ -72,6 +72,11 @@ class ModalDictStore(JobStore):
     async def delete(self, key: str) -> None:
         await self.dict.pop.aio(key, None)
 
+    async def keys(self, prefix: str) -> list[str]:
+        """Every key starting with ``prefix`` (``modal.Dict.keys`` walks the whole Dict: a start-up call,
+        e.g. resuming pending webhook deliveries, not one per job)."""
+        return [k async for k in self.dict.keys.aio() if isinstance(k, str) and k.startswith(prefix)]
+
 
 # ------------------------------------------------------------------------------------------------ worker
 

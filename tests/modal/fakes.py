@@ -107,9 +107,18 @@ class FakeDict:
         self.data: dict[str, Any] = {}
         self.get = _Aio(self._get)
         self.put = _Aio(self._put)
+        self.keys = _Aio(self._keys)  # modal.Dict.keys.aio(): an async iterator, unordered
+        self.pop = _Aio(self._pop)
 
     async def _get(self, key: str, default: Any = None) -> Any:
         return self.data.get(key, default)
+
+    async def _pop(self, key: str, default: Any = None) -> Any:
+        return self.data.pop(key, default)
+
+    async def _keys(self) -> Any:
+        for key in list(self.data):
+            yield key
 
     async def _put(self, key: str, value: Any, *, skip_if_exists: bool = False) -> bool:
         if skip_if_exists and key in self.data:

@@ -167,10 +167,20 @@ def test_an_allowed_loopback_webhook_is_accepted_and_no_secret_means_no_webhooks
         assert answer.status_code == 422 and "no webhooks" in answer.json()["error"]["message"]
 
 
-async def test_a_dispatcher_started_over_a_store_with_a_pending_delivery_delivers_it():
-    """What a restarted server finds: a delivery record left pending by the last run is resumed."""
+def _modal_dict_store() -> Any:
+    from modal_app.worker import ModalDictStore
+
+    from .fakes import FakeDict
+
+    return ModalDictStore(FakeDict())
+
+
+@pytest.mark.parametrize("make_store", [MemoryStore, _modal_dict_store], ids=["memory", "modal-dict"])
+async def test_a_dispatcher_started_over_a_store_with_a_pending_delivery_delivers_it(make_store):
+    """What a restarted server finds: a delivery record left pending by the last run is resumed (on Modal
+    too: the job API's modal.Dict lists its keys)."""
     async with receiver([500, 200]) as r:
-        store = MemoryStore()
+        store = make_store()
         payload = json.dumps({"job_id": "job-1", "status": {"state": "succeeded"}}).encode()
 
         async def load(job_id: str) -> tuple[bytes, bool]:
@@ -194,6 +204,6 @@ async def test_a_dispatcher_started_over_a_store_with_a_pending_delivery_deliver
         assert len(r.got) == 2
 
 
-async def _state(store: MemoryStore, state: str, attempts: int | None = None) -> bool:
+async def _state(store: Any, state: str, attempts: int | None = None) -> bool:
     record = await store.get(webhook_key("job-1"))
     return bool(record) and record["state"] == state and (attempts is None or record["attempts"] == attempts)
