@@ -384,7 +384,7 @@ class ComfyWorker:
         if isinstance(exc, JobError):
             exc.job_id = record.job_id
         exc.provider = self.provider
-        state = _state_of(exc)
+        state = JobState.of_error(exc)
         latest = await self.store.record(record.job_id)
         if latest is not None and latest.version >= record.version:
             record = latest
@@ -449,9 +449,3 @@ class ComfyWorker:
         await self.client.aclose()
 
 
-def _state_of(exc: GpuBridgeError) -> JobState:
-    if isinstance(exc, JobTimeout):
-        return JobState.TIMED_OUT
-    if isinstance(exc, JobCancelled):
-        return JobState.CANCELLED
-    return JobState.FAILED

@@ -61,18 +61,12 @@ from gpubridge.errors import (
     WorkflowInvalid,
 )
 from gpubridge.models import Artifact, ArtifactKind, EventType, JobResult
-from gpubridge.server.runpod_shapes import InputError, file_entry, output_of, parse_input
+from gpubridge.server.runpod_shapes import GPUBRIDGE_VERSION, InputError, file_entry, output_of, parse_input
 
 __all__ = ["handler", "init", "configure", "aclose", "WorkerConfig", "Worker", "parse_input"]
 
 log = logging.getLogger("gpubridge.runpod_worker")
 
-try:
-    from importlib.metadata import version as _pkg_version
-
-    GPUBRIDGE_VERSION = _pkg_version("gpubridge")
-except Exception:  # pragma: no cover - not installed as a distribution
-    GPUBRIDGE_VERSION = "unknown"
 
 
 

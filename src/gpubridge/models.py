@@ -32,7 +32,7 @@ from pydantic import (
     model_validator,
 )
 
-from .errors import WorkflowFormatError, WorkflowInputError, scrub
+from .errors import JobCancelled, JobTimeout, WorkflowFormatError, WorkflowInputError, scrub
 
 __all__ = [
     "Workflow",
@@ -548,6 +548,15 @@ class JobState(str, enum.Enum):
 
     def __str__(self) -> str:
         return self.value
+
+    @classmethod
+    def of_error(cls, exc: BaseException) -> JobState:
+        """The terminal state a job ends in when it ends with ``exc``."""
+        if isinstance(exc, JobCancelled):
+            return cls.CANCELLED
+        if isinstance(exc, JobTimeout):
+            return cls.TIMED_OUT
+        return cls.FAILED
 
 
 _TERMINAL = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.TIMED_OUT})

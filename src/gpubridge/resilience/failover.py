@@ -288,7 +288,7 @@ class FailoverRunner(WorkflowRunner):
         except BaseException as exc:  # noqa: BLE001 - every end is delivered to the waiter
             if isinstance(exc, asyncio.CancelledError):
                 exc = JobCancelled(f"Job {sup.id or sup.request.request_id} was cancelled", job_id=sup.id or None)
-            state = _state_of(exc)
+            state = JobState.of_error(exc)
             self.counters["failed"] += 1
             last = sup.current[0] if sup.current else None
             sup.stream.publish(self._event(sup, STATE_EVENTS[state], last, message=str(exc), data={"error": _to_dict(exc)}))
@@ -659,7 +659,7 @@ class FailoverRunner(WorkflowRunner):
         assert sup.done is not None
         if sup.done.done():
             exc = sup.done.exception()
-            state = JobState.SUCCEEDED if exc is None else _state_of(exc)
+            state = JobState.SUCCEEDED if exc is None else JobState.of_error(exc)
             provider = sup.current[0] if sup.current else self.name
             return JobStatus(job_id=job_id, provider=provider, state=state, error=_to_dict(exc) if exc else None)
         if sup.current is None:
@@ -746,12 +746,6 @@ class _Peek:
 
 
 
-def _state_of(exc: BaseException) -> JobState:
-    if isinstance(exc, JobCancelled):
-        return JobState.CANCELLED
-    if isinstance(exc, JobTimeout):
-        return JobState.TIMED_OUT
-    return JobState.FAILED
 
 
 def _to_dict(exc: BaseException | None) -> dict[str, Any] | None:

@@ -513,7 +513,7 @@ def create_app(
         load = add_runpod_facade(
             app, backend, endpoints=list(runpod_endpoints), check_token=check_token,
             accept_webhook=accept_runpod_webhook, register_webhook=register_runpod_webhook,
-            version=_version(), max_timeout=max_timeout, sync_wait=min(runpod_sync_wait, sync_timeout),
+            max_timeout=max_timeout, sync_wait=min(runpod_sync_wait, sync_timeout),
         )
         if dispatcher is not None:
             dispatcher.loaders["runpod"] = load
@@ -521,11 +521,3 @@ def create_app(
     app.add_middleware(_BodyLimit, limit=max_body_bytes, provider=backend.provider)
     return app
 
-
-def _version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("gpubridge")
-    except Exception:  # pragma: no cover - not installed as a distribution
-        return "unknown"

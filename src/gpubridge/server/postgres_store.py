@@ -16,13 +16,12 @@ import asyncio
 import contextlib
 import json
 import logging
-import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from gpubridge.errors import ConfigError, ProviderUnavailable, redact_url
 
-from .store import JobStore, is_terminal_value
+from .store import ChangeSignal, JobStore
 
 __all__ = ["PostgresStore"]
 
@@ -56,8 +55,7 @@ class PostgresStore(JobStore):
         self._pool: Any = None
         self._opening: asyncio.Lock | None = None
         self._listener: asyncio.Task[None] | None = None
-        self._changed: asyncio.Condition | None = None
-        self._events = 0  # notifications seen (and writes made here), so a waiter cannot miss one
+        self._signal = ChangeSignal()  # fired by every notification, and by writes made here
         self._closed = False
 
     def __repr__(self) -> str:
@@ -137,16 +135,8 @@ class PostgresStore(JobStore):
             await asyncio.sleep(backoff)  # reconnect pacing
             backoff = min(backoff * 2, 5.0)
 
-    def _cond(self) -> asyncio.Condition:
-        if self._changed is None:
-            self._changed = asyncio.Condition()
-        return self._changed
-
     async def _wake(self) -> None:
-        self._events += 1
-        cond = self._cond()
-        async with cond:
-            cond.notify_all()
+        await self._signal.fire()
 
     # ------------------------------------------------------------------------------------------ JobStore
 
@@ -206,20 +196,7 @@ class PostgresStore(JobStore):
         return [r[0] for r in rows]
 
     async def wait_changed(self, key: str, version: int, timeout: float) -> None:
-        end = time.monotonic() + timeout
-        cond = self._cond()
-        while True:
-            seen = self._events
-            value = await self.get(key)
-            if value is None or value.get("version", 0) > version or is_terminal_value(value):
-                return
-            remaining = end - time.monotonic()
-            if remaining <= 0:
-                return
-            async with cond:  # a notification from any replica wakes us; a poll covers a lost one
-                if self._events == seen:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(cond.wait(), min(remaining, self.poll_interval))
+        await self._signal.wait_changed(self.get, key, version, timeout, self.poll_interval)
 
     async def aclose(self) -> None:
         self._closed = True

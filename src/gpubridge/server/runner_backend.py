@@ -33,7 +33,6 @@ from typing import Any
 
 from gpubridge.errors import (
     GpuBridgeError,
-    JobCancelled,
     JobError,
     JobNotFound,
     JobTimeout,
@@ -42,6 +41,7 @@ from gpubridge.errors import (
     ResultExpired,
 )
 from gpubridge.models import EventType, HealthReport, JobHandle, JobRequest, JobResult, JobState, Progress
+from gpubridge.resilience.policy import Backoff, retry_after_of
 from gpubridge.runner import WorkflowRunner
 
 from .backend import JobBackend
@@ -52,6 +52,7 @@ __all__ = ["RunnerBackend"]
 
 log = logging.getLogger("gpubridge.server")
 
+_BACKOFF = Backoff(initial_s=0.2, max_s=10.0)  # between asks while the runner answers with transient errors
 _RUN = "run:"
 _RESULT = "result:"
 
@@ -62,14 +63,6 @@ def run_key(job_id: str) -> str:
 
 def result_key(job_id: str) -> str:
     return f"{_RESULT}{job_id}"
-
-
-def _state_of(exc: BaseException) -> JobState:
-    if isinstance(exc, JobTimeout):
-        return JobState.TIMED_OUT
-    if isinstance(exc, JobCancelled):
-        return JobState.CANCELLED
-    return JobState.FAILED
 
 
 class RunnerBackend(JobBackend):
@@ -318,7 +311,7 @@ class RunnerBackend(JobBackend):
 
     async def _outcome(self, job_id: str, handle: JobHandle, record: JobRecord) -> JobResult | BaseException:
         """Follow the job until the runner's own word (its result or a typed error) or the deadline."""
-        backoff = 0.2
+        transient = 0
         while True:
             left = None
             if record.deadline is not None:
@@ -348,8 +341,8 @@ class RunnerBackend(JobBackend):
                 if not exc.retryable:
                     return exc
                 log.info("job %s: %s; following on", job_id, exc)
-                await asyncio.sleep(backoff)  # a transient error never settles a job
-                backoff = min(backoff * 2, 10.0)
+                transient += 1  # a transient error never settles a job: ask again after a backoff
+                await asyncio.sleep(_BACKOFF.delay(transient, retry_after=retry_after_of(exc)))
             except Exception as exc:  # a bug in a runner: the job ends failed, saying so, never hangs
                 return exc
 
@@ -471,7 +464,7 @@ class RunnerBackend(JobBackend):
             error = {"type": "InternalError", "message": "the gateway failed on this job (a bug); see its log",
                      "retryable": False, "job_may_be_running": False}
             message = error["message"]
-        await self._finish(job_id, _state_of(exc), error, str(message))
+        await self._finish(job_id, JobState.of_error(exc), error, str(message))
 
     async def _finish(self, job_id: str, state: JobState, error: dict[str, Any] | None, message: str | None,
                       served_by: str | None = None, extra: dict[str, dict[str, Any]] | None = None) -> None:

@@ -109,7 +109,6 @@ def add_runpod_facade(
     check_token: Callable[[str], str],
     accept_webhook: Callable[[str], Awaitable[None]],
     register_webhook: Callable[[str, str], Awaitable[None]],
-    version: str,
     max_timeout: float,
     sync_wait: float = 90.0,
     status_wait: float = 0.0,
@@ -173,7 +172,7 @@ def add_runpod_facade(
                 if execution is not None:
                     body["executionTime"] = execution
         if state is JobState.SUCCEEDED and env.result is not None:
-            body["output"] = output_of(env.result, version=version)
+            body["output"] = output_of(env.result)
         elif state is JobState.RUNNING and env.status.progress is not None:
             body["output"] = {"progress": env.status.progress.model_dump(mode="json", exclude_none=True)}
         elif state.is_terminal and state is not JobState.SUCCEEDED:

@@ -26,9 +26,17 @@ from gpubridge.fetch import parse_url
 from gpubridge.models import Artifact, ArtifactKind, InputFile, JobResult, JobState, Workflow
 
 __all__ = [
-    "InputError", "JobInput", "parse_input", "decode_image", "KIND_KEY", "ext", "file_entry", "output_of",
+    "GPUBRIDGE_VERSION", "InputError", "JobInput", "parse_input", "decode_image", "KIND_KEY", "ext", "file_entry", "output_of",
     "failure_of", "RUNPOD_STATES",
 ]
+
+try:
+    from importlib.metadata import version as _version
+
+    GPUBRIDGE_VERSION = _version("gpubridge")
+except Exception:  # pragma: no cover - not installed as a distribution
+    GPUBRIDGE_VERSION = "unknown"
+"""gpubridge's version, as outputs report it (``output.gpubridge.version``)."""
 
 KIND_KEY = {
     ArtifactKind.IMAGE: "images",
@@ -180,7 +188,7 @@ def output_key(art: Artifact) -> str:
     return KIND_KEY.get(art.kind, "files")
 
 
-def output_of(result: JobResult, *, version: str, entries: list[tuple[Artifact, dict[str, Any]]] | None = None,
+def output_of(result: JobResult, *, version: str = GPUBRIDGE_VERSION, entries: list[tuple[Artifact, dict[str, Any]]] | None = None,
               timings: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """A successful job's output in worker-comfyui's shape, extended with gpubridge's fields. ``entries``:
     the file entries already built (e.g. uploaded to a bucket); by default every artifact inline."""

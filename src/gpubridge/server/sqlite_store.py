@@ -26,7 +26,7 @@ from typing import Any
 
 from gpubridge.errors import ProviderUnavailable
 
-from .store import JobStore, is_terminal_value
+from .store import ChangeSignal, JobStore
 
 __all__ = ["SQLiteStore"]
 
@@ -43,8 +43,7 @@ class SQLiteStore(JobStore):
         self.busy_timeout = busy_timeout
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpubridge-sqlite")
         self._conn: sqlite3.Connection | None = None
-        self._changed: asyncio.Condition | None = None
-        self._writes = 0  # writes made through this object, so a waiter cannot miss one
+        self._signal = ChangeSignal()  # this object's writes wake its waiters at once
         self.inline = inline
         self._inline: sqlite3.Connection | None = None
         self._inline_writes = 0
@@ -159,16 +158,8 @@ class SQLiteStore(JobStore):
             if write:
                 self._queued -= 1
 
-    def _cond(self) -> asyncio.Condition:
-        if self._changed is None:
-            self._changed = asyncio.Condition()
-        return self._changed
-
     async def _notify(self) -> None:
-        self._writes += 1
-        cond = self._cond()
-        async with cond:
-            cond.notify_all()
+        await self._signal.fire()
 
     async def get(self, key: str) -> dict[str, Any] | None:
         raw = await self._run(self._get, key)
@@ -198,20 +189,7 @@ class SQLiteStore(JobStore):
         return list(await self._run(self._keys, prefix))
 
     async def wait_changed(self, key: str, version: int, timeout: float) -> None:
-        end = time.monotonic() + timeout
-        cond = self._cond()
-        while True:
-            seen = self._writes
-            value = await self.get(key)
-            if value is None or value.get("version", 0) > version or is_terminal_value(value):
-                return
-            remaining = end - time.monotonic()
-            if remaining <= 0:
-                return
-            async with cond:  # a write here wakes us at once; another process's within poll_interval
-                if self._writes == seen:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(cond.wait(), min(remaining, self.poll_interval))
+        await self._signal.wait_changed(self.get, key, version, timeout, self.poll_interval)
 
     async def aclose(self) -> None:
         if self._inline is not None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import time
+from collections.abc import Awaitable, Callable
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -17,7 +19,7 @@ from gpubridge.models import JobState
 
 from .schema import JobRecord, record_key
 
-__all__ = ["JobStore", "MemoryStore", "is_terminal_value"]
+__all__ = ["JobStore", "MemoryStore", "ChangeSignal", "is_terminal_value"]
 
 
 
@@ -116,3 +118,42 @@ def is_terminal_value(value: Mapping[str, Any]) -> bool:
         return JobState(value.get("state")).is_terminal
     except ValueError:
         return False
+
+
+class ChangeSignal:
+    """Wakes a store's :meth:`JobStore.wait_changed` callers on every change the store learns of (its own
+    writes, or a notice from another process). A waiter re-reads the value after each wake and at least every
+    ``poll_interval`` seconds, so a change no notice reports is still seen within that interval; the counter
+    means a change between the read and the wait is never missed."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._cond: asyncio.Condition | None = None
+
+    def _condition(self) -> asyncio.Condition:
+        if self._cond is None:
+            self._cond = asyncio.Condition()
+        return self._cond
+
+    async def fire(self) -> None:
+        self.count += 1
+        cond = self._condition()
+        async with cond:
+            cond.notify_all()
+
+    async def wait_changed(self, get: Callable[[str], Awaitable[dict[str, Any] | None]], key: str, version: int,
+                           timeout: float, poll_interval: float) -> None:
+        end = time.monotonic() + timeout
+        cond = self._condition()
+        while True:
+            seen = self.count
+            value = await get(key)
+            if value is None or value.get("version", 0) > version or is_terminal_value(value):
+                return
+            remaining = end - time.monotonic()
+            if remaining <= 0:
+                return
+            async with cond:
+                if self.count == seen:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(cond.wait(), min(remaining, poll_interval))
