@@ -29,10 +29,13 @@ import modal  # noqa: I001  (after the sys.path fix-up above)
 import modal.experimental
 
 from modal_app.config import load_config
-from modal_app.image import build_image
+from modal_app.image import ImageSpec, build_image
 
 config = load_config()
-image = build_image(config)
+image_spec = ImageSpec.load()
+# The image builder version fixes the base image; the pin applies unless the environment chose another.
+os.environ.setdefault("MODAL_IMAGE_BUILDER_VERSION", image_spec.builder)
+image = build_image(config, image_spec)
 app = modal.App(config.name, image=image)
 
 models_volume = modal.Volume.from_name(config.models_volume, create_if_missing=True)

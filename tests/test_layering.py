@@ -17,7 +17,7 @@ SRC = ROOT / "src" / "gpubridge"
 LAYERS = {
     "errors": 0, "models": 0, "config": 0, "fetch": 0, "plugins": 0, "runner": 0, "__init__": 6,
     "comfy": 1,
-    "manifest": 1,
+    "manifest": 1, "lock": 1,
     "providers": 2,
     "resilience": 3, "shadow": 3,
     "server": 4, "connect": 4, "testing": 4,

@@ -451,6 +451,38 @@ def check(
 
 
 @app.command()
+def lock(
+    comfyui: Annotated[Path, typer.Option(help="A ComfyUI checkout, or a bare git directory of ComfyUI.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The lock file to write.")],
+    requirements: Annotated[list[Path] | None, typer.Option(
+        "--requirements", "-r", help="More requirements (the image's own packages, torch, custom nodes').")] = None,
+    rev: Annotated[str | None, typer.Option(help="The ComfyUI commit or tag to read (default: HEAD).")] = None,
+    python: Annotated[str, typer.Option(help="The image's Python, major.minor.")] = "3.11",
+    platform: Annotated[str, typer.Option(help="uv's --python-platform for the image.")] = "x86_64-manylinux_2_28",
+    index_url: Annotated[str | None, typer.Option(help="Package index (default: uv's, PyPI).")] = None,
+    find_links: Annotated[list[str] | None, typer.Option(help="Extra wheel folders or pages.")] = None,
+    no_index: Annotated[bool, typer.Option(help="Resolve from --find-links only.")] = False,
+) -> None:
+    """Resolve ComfyUI's requirements (at one commit) plus -r files into a hashed lock for an image build.
+    The lock's first line names the ComfyUI version and commit; the Modal image refuses a lock made from
+    another ComfyUI."""
+    from .lock import make_lock, read_comfy_source
+
+    try:
+        source = read_comfy_source(comfyui, rev)
+        made = make_lock(source, list(requirements or []), output, python=python, platform=platform,
+                         index_url=index_url, find_links=find_links, no_index=no_index)
+    except ConfigError as exc:
+        err.print(f"[red]{exc}[/]")
+        raise typer.Exit(2) from None
+    err.print(f"{output}: {len(made.pins)} packages for ComfyUI {source.version} ({source.commit[:12]}), "
+              f"Python {python} on {platform}")
+    for problem in made.problems:
+        err.print(f"[yellow]{problem}[/]")
+    raise typer.Exit(1 if made.problems else 0)
+
+
+@app.command()
 def providers(as_json: JsonOpt = False) -> None:
     """List the registered providers, where each comes from, and plugins that failed to load."""
     registry = get_registry()
