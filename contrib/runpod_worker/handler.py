@@ -17,8 +17,9 @@ and so is the output, extended::
 worker-comfyui.) While the job runs, ``runpod.serverless.progress_update`` reports
 ``{"progress": {"node_id", "node_type", "value", "max", "nodes_done", "nodes_total"}}``.
 
-Errors are returned as ``{"error": "<text>", "details": {"exception_type", "node_id", "node_type",
-"exception_message", "traceback", ...}}``, so the job ends FAILED with that text. A dead ComfyUI answers at
+Errors are returned as worker-comfyui writes them, ``{"error": "<text>", "details": ["<line>", ...]}``, with
+gpubridge's typed fields beside them in ``"gpubridge_error": {"exception_type", "node_id", "node_type",
+"exception_message", "traceback", ...}``, so the job ends FAILED with that text. A dead ComfyUI answers at
 once with ``"refresh_worker": True`` (RunPod then replaces the worker) instead of hanging.
 
 ComfyUI is started once per worker (``init()``, or lazily at the first job) when ``COMFY_PATH`` (a ComfyUI
@@ -61,7 +62,14 @@ from gpubridge.errors import (
     WorkflowInvalid,
 )
 from gpubridge.models import Artifact, ArtifactKind, EventType, JobResult
-from gpubridge.server.runpod_shapes import GPUBRIDGE_VERSION, InputError, file_entry, output_of, parse_input
+from gpubridge.server.runpod_shapes import (
+    GPUBRIDGE_VERSION,
+    InputError,
+    file_entry,
+    output_of,
+    parse_input,
+    worker_comfyui_failure,
+)
 
 __all__ = ["handler", "init", "configure", "aclose", "WorkerConfig", "Worker", "parse_input"]
 
@@ -533,8 +541,13 @@ async def aclose() -> None:
 
 
 async def handler(job: dict[str, Any]) -> dict[str, Any]:
-    """The RunPod handler: ``runpod.serverless.start({"handler": handler})``."""
-    return await get_worker().handle(job)
+    """The RunPod handler: ``runpod.serverless.start({"handler": handler})``. A failure leaves in
+    worker-comfyui's shape: ``details`` a list of strings, the typed fields in ``gpubridge_error``."""
+    out = await get_worker().handle(job)
+    if "error" in out and isinstance(out.get("details"), dict):
+        extra = {k: v for k, v in out.items() if k not in ("error", "details")}
+        return worker_comfyui_failure(out["error"], out["details"], **extra)
+    return out
 
 
 if __name__ == "__main__":  # pragma: no cover - the container's entry point

@@ -175,5 +175,5 @@ def test_a_workflow_only_a_comfyui_can_judge_fails_naming_the_node(comfy, gatewa
     body = status(gateway, job["id"])
     assert body["status"] == "FAILED", body
     assert body["error"].startswith("Workflow validation failed") and "width" in body["error"]
-    assert body["output"]["details"]["exception_type"] == "WorkflowInvalid"
+    assert body["output"]["gpubridge_error"]["exception_type"] == "WorkflowInvalid"
     assert comfy.stats.prompts_accepted == 0

@@ -102,7 +102,7 @@ async def test_video_gif_and_text_outputs(worker: ModuleType):
 async def test_bad_input(worker: ModuleType, inp: Any, message: str, exc_type: str):
     out = await worker.handler(job(inp))
     assert message in out["error"]
-    assert out["details"]["exception_type"] == exc_type
+    assert out["gpubridge_error"]["exception_type"] == exc_type
     assert "refresh_worker" not in out
 
 
@@ -111,7 +111,7 @@ async def test_execution_error_has_node_details(worker: ModuleType, comfy: Any):
                                     exception_message="injected")
     out = await worker.handler(job({"workflow": INVERT}))
     assert out["error"].startswith("Workflow execution error: Node Type: ImageInvert, Node ID: 2, Message: injected")
-    d = out["details"]
+    d = out["gpubridge_error"]
     assert (d["node"], d["node_type"], d["exception_type"]) == ("2", "ImageInvert", "RuntimeError")
     assert d["traceback"] and "refresh_worker" not in out
 
@@ -121,7 +121,7 @@ async def test_validation_error(worker: ModuleType, comfy: Any):
     wf["1"]["inputs"]["width"] = "wide"
     out = await worker.handler(job({"workflow": wf}))
     assert out["error"].startswith("Workflow validation failed")
-    assert out["details"]["exception_type"] == "WorkflowInvalid" and "1" in out["details"]["node_errors"]
+    assert out["gpubridge_error"]["exception_type"] == "WorkflowInvalid" and "1" in out["gpubridge_error"]["node_errors"]
     assert comfy.stats.prompts_received == 0  # refused before it was queued
 
 
@@ -133,7 +133,7 @@ async def test_dead_comfyui_fails_fast_and_refreshes(worker_module: ModuleType):
         await worker_module.aclose()
     assert out["refresh_worker"] is True
     assert out["error"].startswith("ComfyUI is not reachable")
-    assert out["details"]["worker_failure"] is True
+    assert out["gpubridge_error"]["worker_failure"] is True
 
 
 async def test_comfyui_crash_during_job_refreshes_worker(worker: ModuleType, comfy: Any):
@@ -312,8 +312,9 @@ async def test_sdk_endpoint_against_the_double(endpoint: RunPodEndpointDouble):
         out = await asyncio.to_thread(sdk.run_sync, {"input": {"workflow": INVERT}}, 30)
         assert len(out["images"]) == 2
         failed = await asyncio.to_thread(sdk.run_sync, {"input": {"images": []}}, 30)
-        assert failed == {"details": {"exception_type": "WorkflowFormatError",  # the error text is dropped
-                                      "exception_message": "Missing 'workflow' parameter"}}
+        assert failed == {"details": ["Missing 'workflow' parameter"],  # the error text is dropped by the SDK
+                          "gpubridge_error": {"exception_type": "WorkflowFormatError",
+                                              "exception_message": "Missing 'workflow' parameter"}}
         health = await asyncio.to_thread(sdk.health)
         assert health["jobs"]["completed"] == 1 and health["jobs"]["failed"] == 1
     finally:

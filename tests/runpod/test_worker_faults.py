@@ -69,9 +69,9 @@ async def test_outputs_over_runpods_result_limit_fail_naming_the_limit_and_the_b
         failed = (await http.post("/runsync", json={"input": {"workflow": INVERT}})).json()
     assert failed["status"] == "FAILED" and "GPUBRIDGE_MAX_OUTPUT_MB" in failed["error"], failed
     out = await worker_module.handler(job({"workflow": INVERT}, "job-2"))
-    assert out["details"]["exception_type"] == "OutputTooLarge", out
+    assert out["gpubridge_error"]["exception_type"] == "OutputTooLarge", out
     assert "BUCKET_ENDPOINT_URL" in out["error"] and "GPUBRIDGE_MAX_OUTPUT_MB" in out["error"]
-    assert out["details"]["size"] > out["details"]["limit"] == 2000 and out["details"]["files"] == 2
+    assert out["gpubridge_error"]["size"] > out["gpubridge_error"]["limit"] == 2000 and out["gpubridge_error"]["files"] == 2
     assert "images" not in out  # nothing half-sent
 
 

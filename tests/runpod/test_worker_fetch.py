@@ -20,7 +20,7 @@ async def test_worker_refuses_a_loopback_image_url_before_connecting(worker: Mod
     async with Server(ok()) as server:
         image = url.format(base=server.url, port=server.port)
         out = await worker.handler(job({"workflow": IMG2IMG, "images": [{"name": "face.png", "image": image}]}))
-    assert out["details"]["exception_type"] == "WorkflowInputError", out
+    assert out["gpubridge_error"]["exception_type"] == "WorkflowInputError", out
     assert "loopback" in out["error"] and "face.png" in out["error"]
     assert "refresh_worker" not in out  # the caller's mistake, not a dead worker
     assert server.accepted == 0 and comfy.stats.uploads == 0
@@ -39,8 +39,8 @@ async def test_worker_fetches_an_allowed_image_url(worker: ModuleType, comfy: An
 async def test_worker_image_url_with_a_control_character_is_an_input_error(worker: ModuleType):
     out = await worker.handler(job({"workflow": IMG2IMG, "images": [{"name": "face.png", "image": "http://x\n/a"}]}))
     assert out["error"] == "Failed to upload one or more input images"
-    assert out["details"]["exception_type"] == "WorkflowInputError"
-    assert "invalid URL" in out["details"]["errors"][0]
+    assert out["gpubridge_error"]["exception_type"] == "WorkflowInputError"
+    assert "invalid URL" in out["gpubridge_error"]["errors"][0]
 
 
 async def test_worker_upstream_5xx_is_not_a_dead_worker(worker: ModuleType, monkeypatch: pytest.MonkeyPatch):
@@ -53,5 +53,5 @@ async def test_worker_upstream_5xx_is_not_a_dead_worker(worker: ModuleType, monk
     async with Server(unavailable) as server:
         out = await worker.handler(job({"workflow": IMG2IMG, "images": [{"name": "face.png",
                                                                           "image": f"{server.url}/face.png"}]}))
-    assert out["details"]["exception_type"] == "InputUnavailable"
+    assert out["gpubridge_error"]["exception_type"] == "InputUnavailable"
     assert "refresh_worker" not in out and "503" in out["error"]

@@ -178,7 +178,7 @@ def add_runpod_facade(
         elif state.is_terminal and state is not JobState.SUCCEEDED:
             failure = failure_of(env.status.error or env.error or {"type": "JobFailed", "message": state.value})
             body["error"] = failure["error"]
-            body["output"] = {"details": failure["details"]}
+            body["output"] = {"details": failure["details"], "gpubridge_error": failure["gpubridge_error"]}
         return body
 
     def reply(body: Any, status: int = 200) -> Response:

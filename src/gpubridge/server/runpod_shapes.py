@@ -27,7 +27,7 @@ from gpubridge.models import Artifact, ArtifactKind, InputFile, JobResult, JobSt
 
 __all__ = [
     "GPUBRIDGE_VERSION", "InputError", "JobInput", "parse_input", "decode_image", "KIND_KEY", "ext", "file_entry", "output_of",
-    "failure_of", "RUNPOD_STATES",
+    "failure_of", "worker_comfyui_failure", "RUNPOD_STATES",
 ]
 
 try:
@@ -214,9 +214,29 @@ def output_of(result: JobResult, *, version: str = GPUBRIDGE_VERSION, entries: l
     return out
 
 
+def worker_comfyui_failure(error: str, typed: Mapping[str, Any], **extra: Any) -> dict[str, Any]:
+    """A failed job's output as worker-comfyui writes it: ``error`` text and ``details``, a list of strings;
+    gpubridge's typed fields (exception type, node, node_errors, worker_failure...) beside them in
+    ``gpubridge_error``, so stock clients read what they know and gpubridge's provider loses nothing."""
+    node_id = typed.get("node_id", typed.get("node"))
+    node_errors = typed.get("node_errors")
+    if node_id is not None:
+        lines = [f"Workflow execution error: Node Type: {typed.get('node_type')}, Node ID: {node_id}, "
+                 f"Message: {typed.get('exception_message')}"]
+    elif isinstance(node_errors, Mapping) and node_errors:
+        lines = [f"Node {nid} ({key}): {value}"  # worker-comfyui's own format for ComfyUI's node_errors
+                 for nid, err in node_errors.items()
+                 for key, value in (err.items() if isinstance(err, Mapping) else [("error", err)])]
+    elif isinstance(typed.get("errors"), list) and typed["errors"]:
+        lines = [str(e) for e in typed["errors"]]
+    else:
+        lines = [str(typed.get("exception_message") or error)]
+    return {"error": error, "details": lines, "gpubridge_error": dict(typed), **extra}
+
+
 def failure_of(error: Mapping[str, Any]) -> dict[str, Any]:
-    """A failed job's ``{"error", "details"}`` from gpubridge's error dict (``error_dict``): worker-comfyui's
-    texts where it has one, the typed fields in ``details`` so RunPod clients (gpubridge's too) lose nothing."""
+    """A failed job's ``{"error", "details", "gpubridge_error"}`` from gpubridge's error dict (``error_dict``):
+    worker-comfyui's texts where it has one (:func:`worker_comfyui_failure`)."""
     kind = str(error.get("type") or "JobFailed")
     message = str(error.get("message") or "the job failed")
     details: dict[str, Any] = {"exception_type": error.get("exception_type") or kind, "exception_message": message,
@@ -229,9 +249,11 @@ def failure_of(error: Mapping[str, Any]) -> dict[str, Any]:
             details["traceback"] = error["traceback"]
         text = (f"Workflow execution error: Node Type: {node_type}, Node ID: {node_id}, "
                 f"Message: {details['exception_message']}")
-        return {"error": text, "details": details}
+        return worker_comfyui_failure(text, details)
     if kind == "WorkflowInvalid":
-        return {"error": f"Workflow validation failed:\n{message}", "details": details}
+        if isinstance(error.get("node_errors"), Mapping):
+            details["node_errors"] = error["node_errors"]
+        return worker_comfyui_failure(f"Workflow validation failed:\n{message}", details)
     if kind in ("ProviderUnavailable", "WorkerLost") or error.get("retryable"):
         details["worker_failure"] = True
-    return {"error": message, "details": details}
+    return worker_comfyui_failure(message, details)

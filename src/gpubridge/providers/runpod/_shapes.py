@@ -69,7 +69,8 @@ def _clean_type(value: Any) -> str | None:
 
 def parse_failure(body: Mapping[str, Any], *, job_id: str | None = None, provider: str | None = None) -> GpuBridgeError:
     """The typed error of a FAILED job: its ``error`` (a JSON string for worker exceptions, else text),
-    plus ``output.details`` (gpubridge worker: a dict; worker-comfyui: a list of strings), lose nothing."""
+    plus ``output.details`` (worker-comfyui's list of strings) and ``output.gpubridge_error`` (the gpubridge
+    worker's typed fields), lose nothing."""
     raw = body.get("error")
     output = body.get("output") if isinstance(body.get("output"), Mapping) else {}
     parsed: Mapping[str, Any] | None = None
@@ -84,9 +85,11 @@ def parse_failure(body: Mapping[str, Any], *, job_id: str | None = None, provide
     details_raw = output.get("details") if output else None
     if details_raw is None and parsed is not None:
         details_raw = parsed.get("details")
-    details: dict[str, Any] = dict(details_raw) if isinstance(details_raw, Mapping) else {}
+    typed = output.get("gpubridge_error") if output else None  # the gpubridge worker's typed fields
+    details: dict[str, Any] = dict(typed) if isinstance(typed, Mapping) else (
+        dict(details_raw) if isinstance(details_raw, Mapping) else {})  # (a dict: gpubridge workers before 0.2)
     if isinstance(details_raw, list):
-        details["errors"] = list(details_raw)
+        details.setdefault("errors", list(details_raw))
 
     text = (parsed.get("error_message") or parsed.get("error")) if parsed is not None else raw
     text = str(text) if text is not None else "RunPod reported the job FAILED without an error"
@@ -108,7 +111,7 @@ def parse_failure(body: Mapping[str, Any], *, job_id: str | None = None, provide
         extra["worker_id"] = body["workerId"]
     full_details = {**details, **({"runpod": extra} if extra else {})}
     if output:
-        full_details.setdefault("output", {k: v for k, v in output.items() if k != "details"})
+        full_details.setdefault("output", {k: v for k, v in output.items() if k not in ("details", "gpubridge_error")})
 
     # Errors the workflow or its inputs caused, reported by the gpubridge worker, keep their own type.
     if exc_type == "WorkflowInvalid" or (text.startswith("Workflow validation failed") and exc_type is None):
