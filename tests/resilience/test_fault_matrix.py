@@ -237,3 +237,18 @@ async def test_every_job_delivered_once_under_mixed_faults(world):
     assert {r.provider for r in results} <= {"runpod", "modal"}
     await world.assert_no_orphans()
     assert not json.dumps([o.model_dump(mode="json") for o in world.outcomes]).count(API_KEY)
+
+
+async def test_an_ambiguous_runpod_submit_fails_over_without_resending(world):
+    """RunPod took the job but the answer was a 502: the job is not sent to RunPod again (it may run there);
+    it counts as an unconfirmed submit and goes to the next provider."""
+    runner = world.failover(order=("runpod", "modal"))
+    world.endpoint.lose_run_answers, world.endpoint.http_error_status = 1, 502
+    result, events = await run_one(runner)
+    assert result.provider == "modal"
+    assert world.endpoint.counters["run"] == 1 and world.endpoint.counters["lost_run_answers"] == 1
+    assert runner.counters["unconfirmed_submits"] == 1
+    first = result.attempts[0]
+    assert first.provider == "runpod" and first.error["job_may_be_running"] is True
+    assert any(e.type is EventType.FAILOVER for e in events)
+    await world.assert_no_orphans()  # the job RunPod took ran to its end there; nothing is left queued

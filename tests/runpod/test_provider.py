@@ -298,7 +298,8 @@ async def test_timed_out_status_maps_to_job_timeout():
     with respx.mock(base_url="http://rp.test/v2/ep") as mock:
         mock.post("/run").respond(200, json={"id": "j1", "status": "IN_QUEUE"})
         mock.get("/status/j1").respond(200, json={"id": "j1", "status": "TIMED_OUT", "delayTime": 5})
-        r = RunPodRunner("ep", api_key=API_KEY, base_url="http://rp.test/v2", poll_initial=0.001)
+        r = RunPodRunner("ep", api_key=API_KEY, base_url="http://rp.test/v2", poll_initial=0.001,
+                         status_sync=False)  # respx mocks /status only
         try:
             with pytest.raises(JobTimeout) as info:
                 await r.run(req())
@@ -332,15 +333,57 @@ async def test_429_gives_up_after_max_attempts(rp: RunPodEndpointDouble):
         await r.aclose()
 
 
-async def test_5xx_on_run_retried_only_when_safe(rp: RunPodEndpointDouble, runner: RunPodRunner):
-    rp.http_errors, rp.http_error_status = 2, 503
-    assert (await runner.run(req())).images
-    assert rp.counters["http_errors"] == 2
-    rp.http_errors, rp.http_error_status = 1, 500  # may have been accepted: never resent
-    before = rp.counters["run"]
-    with pytest.raises(ProviderUnavailable):
+async def test_5xx_on_run_is_never_resent(rp: RunPodEndpointDouble, runner: RunPodRunner):
+    """A 5xx to /run (even 502/503/504, which a proxy may send after RunPod took the request) may hide an
+    accepted job: the submit fails at once, saying the job may be running, and /run is not resent."""
+    for status in (503, 502, 500):
+        rp.http_errors, rp.http_error_status = 1, status
+        before = rp.counters["run"]
+        with pytest.raises(ProviderUnavailable) as info:
+            await runner.submit(req())
+        assert rp.counters["run"] == before + 1, status
+        assert info.value.job_may_be_running and info.value.retryable and "not resent" in str(info.value)
+    assert (await runner.run(req())).images  # the endpoint itself is fine
+
+
+async def test_an_accepted_job_answered_with_502_is_not_submitted_twice(rp: RunPodEndpointDouble,
+                                                                        runner: RunPodRunner):
+    rp.lose_run_answers, rp.http_error_status = 1, 502
+    with pytest.raises(ProviderUnavailable) as info:
         await runner.submit(req())
-    assert rp.counters["run"] == before + 1
+    assert info.value.job_may_be_running
+    assert rp.counters["run"] == 1 and rp.counters["submitted"] == 1 and rp.counters["lost_run_answers"] == 1
+
+
+async def test_connection_refused_on_run_is_retried(script: Script):
+    async with RunPodEndpointDouble(script, api_key=API_KEY) as double:
+        base, endpoint_id = double.base_url, double.endpoint_id
+    # nothing listens there any more
+    r = RunPodRunner(endpoint_id, api_key=API_KEY, base_url=base, retry_initial=0.0, max_attempts=2)
+    try:
+        with pytest.raises(ProviderUnavailable) as info:
+            await r.submit(req())
+        assert not info.value.job_may_be_running  # it never left: safe to send elsewhere, nothing to cancel
+    finally:
+        await r.aclose()
+
+
+async def test_status_sync_long_polls_when_the_endpoint_answers_it(script: Script):
+    async with RunPodEndpointDouble(script, api_key=API_KEY, status_sync=True) as double:
+        r = make_runner(double)
+        try:
+            assert (await r.run(req())).images and r.status_sync is True
+            assert double.counters["status-sync"] >= 1 and double.counters["status"] == 0
+        finally:
+            await r.aclose()
+
+
+async def test_status_sync_falls_back_to_polling_where_the_endpoint_lacks_it(rp: RunPodEndpointDouble,
+                                                                            runner: RunPodRunner):
+    assert (await runner.run(req())).images
+    assert runner.status_sync is False and rp.counters["status-sync"] == 1 and rp.counters["status"] >= 1
+    assert (await runner.run(req())).images
+    assert rp.counters["status-sync"] == 1  # not asked again
 
 
 async def test_5xx_on_status_is_retried(rp: RunPodEndpointDouble, runner: RunPodRunner):
@@ -353,7 +396,8 @@ async def test_5xx_on_status_is_retried(rp: RunPodEndpointDouble, runner: RunPod
 async def test_malformed_json_and_connection_reset():
     with respx.mock(base_url="http://rp.test/v2/ep") as mock:
         mock.post("/run").respond(200, text="<html>oops</html>")
-        r = RunPodRunner("ep", api_key=API_KEY, base_url="http://rp.test/v2", retry_initial=0)
+        r = RunPodRunner("ep", api_key=API_KEY, base_url="http://rp.test/v2", retry_initial=0,
+                         status_sync=False)  # respx mocks /status only
         try:
             with pytest.raises(ProtocolError):
                 await r.submit(req())
@@ -571,7 +615,7 @@ async def test_a_job_done_between_two_polls_still_reports_started():
         mock.get(f"{base}/ep/status/j1").respond(200, json={
             "id": "j1", "status": "COMPLETED", "delayTime": 3, "executionTime": 0,
             "output": {"images": []}})
-        r = RunPodRunner("ep", api_key="k", base_url=base, poll_initial=0.001)
+        r = RunPodRunner("ep", api_key="k", base_url=base, poll_initial=0.001, status_sync=False)
         try:
             events = []
             await r.run(req(), on_event=events.append)

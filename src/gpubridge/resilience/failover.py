@@ -752,7 +752,10 @@ def _to_dict(exc: BaseException | None) -> dict[str, Any] | None:
     if exc is None:
         return None
     if isinstance(exc, GpuBridgeError):
-        return exc.to_dict()
+        d = exc.to_dict()
+        if exc.job_may_be_running:  # an unconfirmed submit, or a job whose cancel was not confirmed
+            d["job_may_be_running"] = True
+        return d
     return {"type": type(exc).__name__, "message": str(exc), "retryable": False}
 
 

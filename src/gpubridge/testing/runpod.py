@@ -19,7 +19,11 @@ Knobs (attributes; change them at any time, from any thread):
   with a worker error in the SDK's JSON format (``error_type`` ``WorkerCrashed``), and the worker reboots.
 - ``throttle``: the next N requests get HTTP 429 (``throttle_retry_after`` sets a ``Retry-After`` header;
   ``throttle_routes`` limits it to some routes). ``http_errors``/``http_error_status``: the next N
-  requests get a 5xx.
+  requests get a 5xx. ``lose_run_answers``: the next N ``/run`` requests are accepted (the job is queued
+  and runs) but answered with ``http_error_status``, as a load balancer's 502 after the request arrived: the
+  ambiguous submit a client must not resend.
+- ``status_sync``: serve ``/status-sync/{id}?wait=MS`` (a long-poll of ``/status``: it answers when the job
+  is terminal or after ``wait``, at most 300 s); without it that route is a 404, as on an endpoint that lacks it.
 - ``retention_s`` (``/run``, default 30 min) and ``sync_retention_s`` (``/runsync``, 1 min): a finished
   job's result is dropped that long after it finished and ``/status`` answers 404. :meth:`expire` drops
   results now. ``policy.ttl`` is honoured the same way; ``policy.executionTimeout`` ends a job TIMED_OUT.
@@ -236,6 +240,8 @@ class RunPodEndpointDouble:
         throttle_routes: Iterable[str] | None = None,
         http_errors: int = 0,
         http_error_status: int = 503,
+        lose_run_answers: int = 0,
+        status_sync: bool = False,
         retention_s: float = 1800.0,
         sync_retention_s: float = 60.0,
         hold: bool = False,
@@ -262,6 +268,8 @@ class RunPodEndpointDouble:
         self.throttle_routes = set(throttle_routes) if throttle_routes else None
         self.http_errors = http_errors
         self.http_error_status = http_error_status
+        self.lose_run_answers = lose_run_answers
+        self.status_sync = status_sync
         self.retention_s = retention_s
         self.sync_retention_s = sync_retention_s
         self.unhealthy_workers = unhealthy_workers
@@ -591,6 +599,7 @@ class RunPodEndpointDouble:
             ("runsync", False): self._runsync,
             ("status", True): self._status,
             ("stream", True): self._stream,
+            **({("status-sync", True): self._status_sync} if self.status_sync else {}),
             ("cancel", True): self._cancel,
             ("retry", True): self._retry,
             ("health", False): self._health,
@@ -601,6 +610,7 @@ class RunPodEndpointDouble:
             return _json({"error": f"no route {request.method} {request.path}"}, 404)
         allowed = {"run": ("POST",), "runsync": ("POST",), "cancel": ("POST",), "retry": ("POST",),
                    "purge-queue": ("POST",), "health": ("GET",), "status": ("GET", "POST"),
+                   "status-sync": ("GET", "POST"),
                    "stream": ("GET", "POST")}[op]
         if request.method not in allowed:
             return _json({"error": "method not allowed"}, 405)
@@ -648,6 +658,10 @@ class RunPodEndpointDouble:
         job = await self._read_job(request, self.run_payload_limit, sync=False)
         if isinstance(job, web.Response):
             return job
+        if self.lose_run_answers > 0:
+            self.lose_run_answers -= 1
+            self.counters["lost_run_answers"] += 1
+            return web.Response(status=self.http_error_status, text="upstream error")
         return _json({"id": job.id, "status": job.status})
 
     async def _runsync(self, request: web.Request) -> web.Response:
@@ -662,6 +676,21 @@ class RunPodEndpointDouble:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(job.done.wait(), wait_s)
         live = self._lookup(job.id)
+        if live is None:
+            return _json({"error": "request does not exist"}, 404)
+        return _json(live.body())
+
+    async def _status_sync(self, request: web.Request, job_id: str) -> web.Response:
+        try:
+            wait_s = min(300.0, max(0.0, int(request.query.get("wait", "90000")) / 1000))
+        except ValueError:
+            wait_s = 90.0
+        job = self._lookup(job_id)
+        if job is None:
+            return _json({"error": "request does not exist"}, 404)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(job.done.wait(), wait_s)
+        live = self._lookup(job_id)
         if live is None:
             return _json({"error": "request does not exist"}, 404)
         return _json(live.body())

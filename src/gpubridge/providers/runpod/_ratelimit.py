@@ -31,8 +31,10 @@ RUNPOD_RATE_LIMITS: dict[str, tuple[int, float]] = {
 
 
 def route_class(path: str) -> str:
-    """``/status/abc`` -> ``status``; ``/runsync?wait=1`` -> ``runsync``."""
-    return path.split("?", 1)[0].strip("/").split("/", 1)[0]
+    """``/status/abc`` -> ``status``; ``/runsync?wait=1`` -> ``runsync``; ``/status-sync/abc`` counts as
+    ``status``."""
+    route = path.split("?", 1)[0].strip("/").split("/", 1)[0]
+    return "status" if route == "status-sync" else route
 
 
 class TokenBucket:

@@ -100,6 +100,8 @@ class RunPodRunner(WorkflowRunner):
         rate_limits: bool | Mapping[str, tuple[int, float]] | EndpointLimits = True,
         cancel_grace: float = 5.0,
         worker: str = "worker-comfyui",
+        status_sync: bool | None = None,
+        status_sync_wait: float = 10.0,
         max_body_bytes: int = MAX_BODY_BYTES,
         transport: httpx.AsyncBaseTransport | None = None,
     ):
@@ -132,6 +134,8 @@ class RunPodRunner(WorkflowRunner):
         self.sync_wait = sync_wait
         self.max_payload_bytes = max_payload_bytes
         self.worker = worker
+        self.status_sync = status_sync  # None: not known yet; a 404 on /status-sync makes it False
+        self.status_sync_wait = status_sync_wait
         self.health_resample = health_resample
         self.retry_initial = retry_initial
         self.retry_max_wait = retry_max_wait
@@ -205,6 +209,8 @@ class RunPodRunner(WorkflowRunner):
             rate_limits=cfg.rate_limits,
             cancel_grace=cfg.cancel_grace,
             worker=cfg.worker,
+            status_sync=cfg.status_sync,
+            status_sync_wait=cfg.status_sync_wait,
         )
 
     def __repr__(self) -> str:
@@ -329,6 +335,17 @@ class RunPodRunner(WorkflowRunner):
                 "GPUBRIDGE_RUNPOD_ENDPOINT_ID.",
                 provider=self.name,
             ) from None
+        except ProviderUnavailable as exc:
+            if getattr(exc, "_not_sent", False):
+                raise  # it never reached RunPod (connection refused, 429 after every retry)
+            # A 5xx, a timeout or a dropped connection after the request went out: RunPod may have queued the
+            # job without telling us its id. Not resent here (that could run it twice); the failover runner
+            # moves on, and the job's policy.ttl ends it at RunPod if it was queued.
+            err = ProviderUnavailable(f"{exc}; RunPod may have accepted the job (no id came back), so it is not "
+                                      "resent to this endpoint", provider=self.name,
+                                      status_code=getattr(exc, "status_code", None))
+            err.job_may_be_running = True
+            raise err from None
         with parsing("a /run answer", provider=self.name):
             job_id = data.get("id") if isinstance(data, Mapping) else None
             if not isinstance(job_id, str) or not job_id:
@@ -493,14 +510,27 @@ class RunPodRunner(WorkflowRunner):
                     return
                 out.wake.clear()
                 await self._status_limiter.acquire()
+                synced = self.status_sync is not False
                 try:
-                    body = await self._before_deadline(out, self._call("GET", f"/status/{out.job_id}"))
+                    body = await self._before_deadline(out, self._ask_status(out, loop, synced))
                 except _NotFound:
+                    if synced and self.status_sync is None:
+                        # No /status-sync here (or no such job): ask /status, which tells the two apart.
+                        log.info("RunPod endpoint %s has no /status-sync; polling /status", self.endpoint_id)
+                        self.status_sync = False
+                        continue
                     self._finish(out, error=self._gone(out.job_id, out), final=True)
                     return
                 except TimeoutError:
                     continue  # the deadline passed mid-request
                 except GpuBridgeError as exc:
+                    if synced and self.status_sync is None and not is_transient(exc):
+                        # An endpoint that answers /status-sync with anything but a status (405, 400...)
+                        # does not have it: poll /status from now on.
+                        log.info("RunPod endpoint %s refused /status-sync (%s); polling /status",
+                                 self.endpoint_id, exc)
+                        self.status_sync = False
+                        continue
                     if not is_transient(exc):
                         exc.job_may_be_running = True
                         self._finish(out, error=exc)
@@ -513,9 +543,13 @@ class RunPodRunner(WorkflowRunner):
                     continue
                 failures = 0
                 out.polls += 1
+                if synced and self.status_sync is None:
+                    self.status_sync = True  # the endpoint answers it
                 changed = self._observe(out, body)
                 if out.done.is_set():
                     return
+                if synced:
+                    continue  # the server held the request: ask again at once
                 if changed:
                     delays = poll_delays(self.poll_initial, self.poll_max, self.poll_backoff)
                 await self._pause(out, self._shape_delay(out, next(delays), loop.time()), loop)
@@ -532,6 +566,17 @@ class RunPodRunner(WorkflowRunner):
                                 provider=self.name, retryable=True)
             err.job_may_be_running = True
             self._finish(out, error=err)
+
+    def _ask_status(self, out: _Outcome, loop: asyncio.AbstractEventLoop, synced: bool) -> Any:
+        """One status request: ``/status-sync`` long-poll (held by RunPod until the job ends or the wait
+        passes, never past the job's deadline) or a plain ``/status``."""
+        if not synced:
+            return self._call("GET", f"/status/{out.job_id}")
+        wait = self.status_sync_wait
+        if out.deadline is not None:
+            wait = min(wait, max(1.0, out.deadline - loop.time()))
+        read = self._http.timeout.read or 30.0  # type: ignore[attr-defined]
+        return self._call("GET", f"/status-sync/{out.job_id}?wait={int(wait * 1000)}", timeout=wait + read)
 
     async def _pause(self, out: _Outcome, delay: float, loop: asyncio.AbstractEventLoop) -> None:
         """Sleep ``delay`` (never past the deadline); a cancel() wakes it early."""

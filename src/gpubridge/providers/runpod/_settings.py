@@ -88,6 +88,12 @@ class RunPodSettings(ProviderSettings):
     limiter per route shared by every runner of the endpoint in this process."""
     cancel_grace: float = Field(default=5.0, gt=0)
     """How long the poller tries to cancel a job at its deadline before reporting it may still run."""
+    status_sync: bool | None = None
+    """Follow jobs with ``/status-sync/{id}?wait=`` (RunPod holds the request until the job ends or the wait
+    passes) instead of polling ``/status``. None (default): try it, and fall back to adaptive polling for good
+    when the endpoint answers 404 there."""
+    status_sync_wait: float = Field(default=10.0, gt=0, le=300)
+    """Longest server-side wait of one ``/status-sync`` request (progress is reported at least this often)."""
     worker: Literal["worker-comfyui", "gpubridge"] = "worker-comfyui"
     """What the endpoint runs. A stock worker-comfyui base64-decodes every ``images[].image``, so URL
     inputs are fetched here (through the guarded fetcher) and sent inline, within the size limit; with

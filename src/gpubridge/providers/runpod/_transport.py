@@ -220,7 +220,8 @@ class Transport:
                 f"{where} answered {code} to {method} {path}: {text[:200]}", provider=self.name,
                 status_code=code,
             )
-            err._not_sent = code in (502, 503, 504)  # type: ignore[attr-defined]
+            # Even a 502/503/504 may come from a proxy after RunPod took the request: only a request that
+            # never left (connection refused) or a 429 is known not to have been accepted.
             raise err
         raise ProtocolError(
             f"{where} answered {code} to {method} {path}: {text[:200]}",
