@@ -52,6 +52,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from gpubridge.comfy import ComfyClient, ComfyJob, ComfyProcess, JobFiles
+from gpubridge.comfy.preflight import compact_object_info
 from gpubridge.errors import (
     AuthError,
     GpuBridgeError,
@@ -256,10 +257,24 @@ class Worker:
 
     # -- jobs
 
+    async def capabilities(self) -> dict[str, Any]:
+        """The ``{"input": {"gpubridge_capabilities": true}}`` job: what this worker's ComfyUI can run (node
+        classes and model files, :func:`~gpubridge.comfy.preflight.compact_object_info`), for the RunPod
+        provider's preflight. It runs no workflow and takes no GPU time."""
+        try:
+            client = await self.client()
+            info = await client.object_info(refresh=True)  # models on the volume may have changed
+        except GpuBridgeError as exc:
+            return _failure(exc)
+        return {"capabilities": compact_object_info(info), "gpubridge": {"version": GPUBRIDGE_VERSION}}
+
     async def handle(self, job: Mapping[str, Any]) -> dict[str, Any]:
         t0 = time.perf_counter()
+        raw = job.get("input")
+        if isinstance(raw, Mapping) and raw.get("gpubridge_capabilities") is True:
+            return await self.capabilities()
         try:
-            spec = parse_input(job.get("input"))
+            spec = parse_input(raw)
         except InputError as exc:
             details: dict[str, Any] = {"exception_type": exc.exception_type, "exception_message": exc.message}
             if exc.errors:

@@ -129,3 +129,45 @@ async def test_the_job_api_reports_capabilities_and_the_modal_provider_is_skippe
         assert result.provider == "local"
         assert lacking.stats.prompts_received == 0
         assert [(a.provider, a.outcome) for a in result.attempts] == [("modal", "skipped"), ("local", "succeeded")]
+
+
+def test_the_compact_capabilities_preflight_the_same_as_the_full_object_info():
+    from gpubridge.comfy.preflight import compact_object_info
+
+    info = recorded_object_info()
+    compact = compact_object_info(info)
+    assert len(json.dumps(compact)) < len(json.dumps(info)) / 5
+    prompt = FLUX.to_api() | {"99": {"class_type": "ReActorFaceSwap", "inputs": {}}}
+    prompt["1"] = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "nope.safetensors"}}
+    assert [p.to_dict() for p in preflight(prompt, compact)] == [p.to_dict() for p in preflight(prompt, info)]
+
+
+async def test_a_runpod_endpoint_without_the_model_gets_no_run_and_the_fallback_runs_the_job(tmp_path: Path):
+    """The RunPod provider learns what the gpubridge worker's ComfyUI has from a low-priority capabilities
+    job (cached), and the failover runner skips the endpoint with 0 /run requests."""
+    from gpubridge.testing.runpod import RunPodEndpointDouble
+
+    from ..runpod.conftest import API_KEY, load_worker_module, make_runner
+
+    worker = load_worker_module()
+    async with ComfyDouble(root=tmp_path / "a", model_files={"diffusion_models": []}) as lacking, \
+            ComfyDouble(root=tmp_path / "b") as full:
+        worker.configure(comfy_url=lacking.url, reconnect_timeout=0.5, progress_interval=0.0)
+        async with RunPodEndpointDouble(worker.handler, api_key=API_KEY) as endpoint:
+            runpod = make_runner(endpoint, worker="gpubridge", name="runpod")
+            runner = FailoverRunner([runpod, LocalRunner(full.url, name="local")])
+            try:
+                result = await runner.run(FLUX, timeout=60)
+                again = await runner.run(FLUX, timeout=60)
+                stock = make_runner(endpoint, worker="worker-comfyui")
+                assert await stock.capabilities() is None  # a stock worker-comfyui cannot say
+                await stock.aclose()
+            finally:
+                await runner.aclose()
+                await worker.aclose()
+    assert result.provider == again.provider == "local"
+    assert endpoint.counters["run"] == 0  # not one job sent to the endpoint that lacks the model
+    assert endpoint.counters["runsync"] == 1  # one capabilities job, then the cache
+    assert lacking.stats.prompts_received == 0
+    assert (result.attempts[0].provider, result.attempts[0].outcome) == ("runpod", "skipped")
+    assert "flux1-schnell.safetensors" in result.attempts[0].error["message"]

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["Problem", "preflight", "MODEL_EXTENSIONS", "NODE_PACKS"]
+__all__ = ["Problem", "preflight", "compact_object_info", "MODEL_EXTENSIONS", "NODE_PACKS"]
 
 MODEL_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".gguf", ".sft", ".onnx", ".pkl")
 
@@ -144,3 +144,25 @@ def preflight(prompt: Mapping[str, Any], object_info: Mapping[str, Any]) -> list
         problems.append(Problem("no_output", "the workflow has no output node (SaveImage, PreviewImage, ...): "
                                 "nothing would run"))
     return problems
+
+
+def compact_object_info(object_info: Mapping[str, Any]) -> dict[str, Any]:
+    """What :func:`preflight` needs of ``/object_info``, a few percent of its size: each node class with
+    ``output_node``, ``python_module`` and only its model-file inputs (combos of model files, or loader
+    inputs such as ``ckpt_name``) with their options. A backend that must ship its capabilities through a
+    size-limited channel (a RunPod job result) sends this; ``preflight`` reads it like the full one."""
+    out: dict[str, Any] = {}
+    for class_type, info in object_info.items():
+        if not isinstance(info, Mapping):
+            continue
+        models: dict[str, Any] = {}
+        for name, spec in _input_specs(info).items():
+            options = _options(spec)
+            if options is None:
+                continue
+            if name in _FOLDERS or any(isinstance(o, str) and o.lower().endswith(MODEL_EXTENSIONS)
+                                       for o in options[:20]):
+                models[name] = [list(options)]
+        out[class_type] = {"output_node": bool(info.get("output_node")), "python_module": info.get("python_module"),
+                           "input": {"required": models}}
+    return out

@@ -102,6 +102,8 @@ class RunPodRunner(WorkflowRunner):
         worker: str = "worker-comfyui",
         status_sync: bool | None = None,
         status_sync_wait: float = 10.0,
+        capabilities_ttl: float = 3600.0,
+        capabilities_wait: float = 10.0,
         max_body_bytes: int = MAX_BODY_BYTES,
         transport: httpx.AsyncBaseTransport | None = None,
     ):
@@ -136,6 +138,9 @@ class RunPodRunner(WorkflowRunner):
         self.worker = worker
         self.status_sync = status_sync  # None: not known yet; a 404 on /status-sync makes it False
         self.status_sync_wait = status_sync_wait
+        self.capabilities_ttl = capabilities_ttl
+        self.capabilities_wait = capabilities_wait
+        self._capabilities: tuple[float, dict[str, Any] | None] | None = None  # (monotonic time, info)
         self.health_resample = health_resample
         self.retry_initial = retry_initial
         self.retry_max_wait = retry_max_wait
@@ -211,6 +216,8 @@ class RunPodRunner(WorkflowRunner):
             worker=cfg.worker,
             status_sync=cfg.status_sync,
             status_sync_wait=cfg.status_sync_wait,
+            capabilities_ttl=cfg.capabilities_ttl,
+            capabilities_wait=cfg.capabilities_wait,
         )
 
     def __repr__(self) -> str:
@@ -836,6 +843,41 @@ class RunPodRunner(WorkflowRunner):
         )
 
     # -------------------------------------------------------------------------------------------- health
+
+    async def capabilities(self) -> dict[str, Any] | None:
+        """What the endpoint's workers can run (node classes, model files), from a capabilities job on the
+        gpubridge worker (``worker = "gpubridge"``), cached ``capabilities_ttl`` seconds. The job is low
+        priority with a short ttl: it is answered by a worker that is already up and never starts one. None
+        (unknown, which never blocks a provider) for a stock worker-comfyui, or when no worker answered
+        within ``capabilities_wait``; an unanswered job is cancelled and asked again after a minute."""
+        if self.worker != "gpubridge":
+            return None
+        now = time.monotonic()
+        if self._capabilities is not None:
+            at, info = self._capabilities
+            if now - at < (self.capabilities_ttl if info is not None else 60.0):
+                return info
+        wait = self.capabilities_wait
+        body = json.dumps({"input": {"gpubridge_capabilities": True},
+                           "policy": {"lowPriority": True, "ttl": int((wait + 60) * 1000),
+                                      "executionTimeout": 60_000}}).encode()
+        info: dict[str, Any] | None = None
+        try:
+            data = await self._call("POST", f"/runsync?wait={max(1000, int(wait * 1000))}", content=body,
+                                    resend=False, timeout=wait + (self._http.timeout.read or 30.0))
+        except GpuBridgeError as exc:
+            log.info("RunPod endpoint %s: no capabilities (%s)", self.endpoint_id, exc)
+            data = None
+        if isinstance(data, Mapping):
+            output = data.get("output") if isinstance(data.get("output"), Mapping) else {}
+            found = output.get("capabilities")
+            if data.get("status") == "COMPLETED" and isinstance(found, Mapping):
+                info = dict(found)
+            elif isinstance(data.get("id"), str) and data.get("status") in ("IN_QUEUE", "IN_PROGRESS"):
+                with contextlib.suppress(GpuBridgeError):  # nobody took it: do not leave it queued
+                    await self._call("POST", f"/cancel/{data['id']}")
+        self._capabilities = (time.monotonic(), info)
+        return info
 
     async def health(self) -> HealthReport:
         t0 = time.perf_counter()

@@ -94,6 +94,11 @@ class RunPodSettings(ProviderSettings):
     when the endpoint answers 404 there."""
     status_sync_wait: float = Field(default=10.0, gt=0, le=300)
     """Longest server-side wait of one ``/status-sync`` request (progress is reported at least this often)."""
+    capabilities_ttl: float = Field(default=3600.0, ge=0)
+    """How long what the endpoint can run (a capabilities job on the gpubridge worker) is trusted."""
+    capabilities_wait: float = Field(default=10.0, gt=0, le=300)
+    """How long a capabilities job may wait for a worker that is already up (it is low priority: it never
+    starts one, and its ttl ends it at RunPod when none takes it)."""
     worker: Literal["worker-comfyui", "gpubridge"] = "worker-comfyui"
     """What the endpoint runs. A stock worker-comfyui base64-decodes every ``images[].image``, so URL
     inputs are fetched here (through the guarded fetcher) and sent inline, within the size limit; with
