@@ -51,7 +51,7 @@ def _secrets(*names: str | None) -> list[modal.Secret]:
 
 @app.cls(
     volumes={config.models_mount: models_volume},
-    secrets=_secrets(config.hf_secret),
+    secrets=_secrets(config.hf_secret, config.store_secret),
     **config.gpu_cls_options(),
 )
 @modal.concurrent(**config.gpu_concurrency())

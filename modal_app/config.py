@@ -95,6 +95,9 @@ class AppConfig(BaseSettings):
     """Modal Secret with HF_TOKEN, for gated models (empty: none)."""
     api_secret: str | None = "gpubridge-api"
     """Modal Secret with GPUBRIDGE_API_TOKEN (one or more comma-separated bearer tokens; empty: none)."""
+    store_secret: str | None = None
+    """Modal Secret with the artifact store's GPUBRIDGE_STORE_* settings (URL, endpoint, credentials): the GPU
+    containers upload outputs over its threshold and return presigned URLs (empty: outputs stay inline)."""
     proxy_auth: bool = False
     """Also require Modal proxy auth (Modal-Key/Modal-Secret headers) on the web endpoint."""
     allow_anonymous: bool = False
@@ -126,7 +129,7 @@ class AppConfig(BaseSettings):
     def _lists(cls, value: Any) -> Any:
         return _split(value)
 
-    @field_validator("hf_secret", "api_secret", mode="before")
+    @field_validator("hf_secret", "api_secret", "store_secret", mode="before")
     @classmethod
     def _optional_name(cls, value: Any) -> Any:
         return None if isinstance(value, str) and value.strip().lower() in ("", "none", "-") else value

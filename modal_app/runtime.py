@@ -20,6 +20,7 @@ from gpubridge.manifest import LinkReport, Manifest, link
 
 from .config import MODAL_APP_DIR, AppConfig
 from gpubridge.server.store import JobStore
+from gpubridge.storage import ArtifactStore
 
 from .worker import ComfyWorker
 
@@ -99,4 +100,5 @@ def make_worker(
         models_dir=config.comfy_models_dir,
         files=None if os.environ.get("GPUBRIDGE_KEEP_JOB_FILES") else JobFiles(
             Path(config.comfy_path) / "output", Path(config.comfy_path) / "input"),
+        artifacts=ArtifactStore.from_env(),  # from the store_secret, when configured
     )

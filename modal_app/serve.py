@@ -15,6 +15,7 @@ from typing import Any
 
 from gpubridge.config import WebhookSettings
 from gpubridge.server import create_app
+from gpubridge.storage import ArtifactStore
 from .backends import InProcessBackend
 from .config import DEFAULT_PRICES
 
@@ -33,7 +34,8 @@ def build_app(
     :class:`InProcessBackend` (``retention``, ``max_active``, ``result_dir``, ``max_result_bytes``)."""
     backend = InProcessBackend.for_url(
         comfy_url,
-        worker_options={"gpu": gpu, "prices": DEFAULT_PRICES, "default_timeout": default_timeout},
+        worker_options={"gpu": gpu, "prices": DEFAULT_PRICES, "default_timeout": default_timeout,
+                        "artifacts": ArtifactStore.from_env()},  # GPUBRIDGE_STORE_*: outputs as URLs
         **(backend_options or {}),
     )
     return create_app(backend, tokens=token, allow_anonymous=allow_anonymous, **api_options)

@@ -42,6 +42,7 @@ from gpubridge.models import (
 from .config import gpu_from_device
 from gpubridge.server.schema import HEALTH_KEY, JobRecord, error_dict
 from gpubridge.server.store import JobStore
+from gpubridge.storage import ArtifactStore
 
 __all__ = ["ComfyWorker", "ModalDictStore", "Outcome"]
 
@@ -108,8 +109,10 @@ class ComfyWorker:
         interrupt_grace: float = 10.0,
         probe_timeout: float = 5.0,
         files: JobFiles | None = None,
+        artifacts: ArtifactStore | None = None,
     ):
         self.client = client
+        self.artifacts = artifacts  # outputs over its threshold leave as presigned URLs, next to ComfyUI
         self.store = store
         self.provider = provider
         self.process = process
@@ -418,6 +421,12 @@ class ComfyWorker:
         result.cost = self.cost(record.gpu or self.gpu, executing)
         if result.cost is None:
             result.warnings.append(f"No cost estimate: unknown price for GPU {record.gpu or self.gpu!r}")
+        if self.artifacts is not None:
+            try:
+                result = await self.artifacts.offload(result)
+            except GpuBridgeError as exc:  # the store failed, not the job: the bytes go back inline
+                log.warning("job %s: outputs kept inline: %s", record.job_id, exc)
+                result.warnings.append(f"outputs kept inline: the artifact store failed ({exc})")
         latest = await self.store.record(record.job_id)
         if latest is not None and latest.version >= record.version:
             record = latest

@@ -53,6 +53,8 @@ from urllib.parse import urlsplit
 
 from gpubridge.comfy import ComfyClient, ComfyJob, ComfyProcess, JobFiles
 from gpubridge.comfy.preflight import compact_object_info
+from gpubridge.fetch import UrlFetcher
+from gpubridge.storage import ArtifactStore, StoreSettings
 from gpubridge.errors import (
     AuthError,
     GpuBridgeError,
@@ -90,6 +92,11 @@ def _env_float(name: str, default: float | None) -> float | None:
         return default
 
 
+def _store_settings() -> StoreSettings | None:
+    settings = StoreSettings()
+    return settings if settings.configured else None
+
+
 @dataclass(frozen=True)
 class WorkerConfig:
     comfy_url: str = "http://127.0.0.1:8188"
@@ -108,6 +115,9 @@ class WorkerConfig:
     progress_interval: float = 0.5
     comfy_org_api_key: str | None = field(default=None, repr=False)
     bucket_endpoint_url: str | None = None
+    store: StoreSettings | None = field(default=None, repr=False)
+    """gpubridge's artifact store (``GPUBRIDGE_STORE_*``): outputs over its threshold become ``s3_url``
+    entries with their expiry and checksum; URL inputs from its endpoint are allowed."""
     watchdog_interval: float = 0.25
 
     @classmethod
@@ -132,6 +142,7 @@ class WorkerConfig:
             progress_interval=_env_float("GPUBRIDGE_PROGRESS_INTERVAL", 0.5) or 0.0,
             comfy_org_api_key=env.get("COMFY_ORG_API_KEY") or None,
             bucket_endpoint_url=env.get("BUCKET_ENDPOINT_URL") or None,
+            store=_store_settings(),
         )
 
     @property
@@ -162,6 +173,7 @@ class Worker:
         self.hung: str | None = None  # a prompt ComfyUI would not interrupt: this worker must be replaced
         cfg = self.config
         self.files = None if cfg.keep_job_files else JobFiles(cfg.output_dir, cfg.input_dir)
+        self.artifacts = ArtifactStore(cfg.store) if cfg.store is not None else None
 
     # -- ComfyUI lifecycle
 
@@ -242,6 +254,9 @@ class Worker:
             url = self.process.url if self.process is not None else self.config.comfy_url
             client = ComfyClient(url, provider="comfy", validate=self.config.validate,
                                  reconnect_timeout=self.config.reconnect_timeout)
+            if self.artifacts is not None and self.artifacts.endpoint_host:
+                # Inputs the RunPod provider uploaded to the store come as its presigned URLs.
+                client.url_fetcher = UrlFetcher.from_settings(also_allow=[self.artifacts.endpoint_host])
             self._clients[loop] = client
         return client
 
@@ -437,9 +452,16 @@ class Worker:
 
     async def _file_entry(self, job_id: str, art: Artifact, index: int) -> dict[str, Any]:
         if self.config.bucket_endpoint_url and art.data is not None:
+            # worker-comfyui's contract: every file to the BUCKET_* bucket through runpod's rp_upload
             filename = file_entry(art, index, data="")["filename"]
             url = await asyncio.to_thread(_upload, job_id, filename, art.data)
             return file_entry(art, index, data=url, type_="s3_url")
+        if self.artifacts is not None and art.data is not None and self.artifacts.should_upload(len(art.data)):
+            filename = file_entry(art, index, data="")["filename"]
+            stored = await self.artifacts.put(art.data, filename, content_type=art.mime_type, job_id=job_id)
+            entry = file_entry(art, index, data=stored.url, type_="s3_url")
+            entry.update(size=stored.size, sha256=stored.sha256, url_expires_at=stored.expires_at)
+            return entry
         return file_entry(art, index)
 
 

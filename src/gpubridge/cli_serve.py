@@ -63,6 +63,7 @@ def build_gateway(
     from gpubridge.server import create_app
     from gpubridge.server.runner_backend import RunnerBackend
     from gpubridge.server.stores import default_data_dir, open_store
+    from gpubridge.storage import ArtifactStore
 
     settings = Settings.load(config)
     data = Path(data_dir or os.environ.get("GPUBRIDGE_DATA_DIR") or default_data_dir())
@@ -79,6 +80,7 @@ def build_gateway(
         owner=None if database_url else _owner_id(data),
         drain=drain,
         close_store=True,
+        artifacts=ArtifactStore.from_env(),  # GPUBRIDGE_STORE_*: large outputs as presigned URLs
     )
     from gpubridge.server.metrics import GatewayMetrics
 

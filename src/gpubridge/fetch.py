@@ -270,8 +270,10 @@ class UrlFetcher:
 
     @classmethod
     def from_settings(cls, settings: FetchSettings | None = None, **overrides: Any) -> UrlFetcher:
+        """From ``GPUBRIDGE_FETCH_*``; ``also_allow`` adds hosts (an artifact store's endpoint) to its list."""
         s = settings or FetchSettings.load()
-        return cls(allow=s.allow, max_bytes=s.max_bytes, timeout=s.timeout, max_redirects=s.max_redirects,
+        allow = [*s.allow, *overrides.pop("also_allow", ())]
+        return cls(allow=allow, max_bytes=s.max_bytes, timeout=s.timeout, max_redirects=s.max_redirects,
                    content_types=s.content_types, **overrides)
 
     # -- the steps, each usable on its own

@@ -722,15 +722,30 @@ class Artifact(BaseModel):
     """ComfyUI's folder type: output, temp or input."""
     mime_type: str | None = None
     data: bytes | None = Field(default=None, repr=False)
-    url: str | None = None
+    url: str | None = Field(default=None, repr=False)
+    """Where the bytes are when the artifact does not hold them (a presigned object-store URL: a secret)."""
+    url_expires_at: float | None = None
+    """Unix time after which ``url`` stops working (presigned URLs)."""
+    sha256: str | None = None
+    """The bytes' SHA-256 (hex) when the backend reported it; checked when a URL artifact is saved."""
     text: str | None = None
     width: int | None = None
     height: int | None = None
     size: int | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
 
-    def save(self, directory: str | Path, *, name: str | None = None) -> Path:
-        """Write the artifact under ``directory`` and return the path. Text artifacts become .txt files.
+    @property
+    def holds(self) -> Literal["bytes", "url", "text", "nothing"]:
+        """What the artifact carries: its ``bytes``, a ``url`` to them, a ``text`` value, or ``nothing``."""
+        if self.data is not None:
+            return "bytes"
+        if self.url is not None:
+            return "url"
+        return "text" if self.text is not None else "nothing"
+
+    def save(self, directory: str | Path, *, name: str | None = None, max_bytes: int | None = None) -> Path:
+        """Write the artifact under ``directory`` and return the path. Text artifacts become .txt files; a URL
+        artifact is streamed to disk (bounded memory, ``max_bytes`` cap, its ``sha256`` checked).
 
         The file name (``name``, else the artifact's ``filename``, else one made from the node id) is reduced
         to a plain name inside ``directory``: no separators, ``..``, NUL or control characters."""
@@ -740,9 +755,15 @@ class Artifact(BaseModel):
             path = directory / safe_filename(name, fallback=f"node{self.node_id}_text.txt")
             path.write_text(self.text or "", encoding="utf-8")
             return path
-        if self.data is None:
-            raise ValueError(f"Artifact {self.filename!r} has no bytes (url={self.url!r}); download it first.")
         path = directory / safe_filename(name or self.filename, fallback=f"node{self.node_id}.bin")
+        if self.data is None:
+            if self.url is None:
+                raise ValueError(f"Artifact {self.filename!r} has neither bytes nor a URL")
+            from .download import DEFAULT_MAX_BYTES, download
+
+            download(self.url, path, max_bytes=max_bytes or DEFAULT_MAX_BYTES, sha256=self.sha256,
+                     expected_size=self.size)
+            return path
         path.write_bytes(self.data)
         return path
 
@@ -836,8 +857,9 @@ class JobResult(BaseModel):
     def texts(self) -> list[str]:
         return [a.text or "" for a in self.artifacts if a.kind is ArtifactKind.TEXT]
 
-    def save(self, directory: str | Path) -> list[Path]:
-        """Write every artifact under ``directory`` (file names are kept unique)."""
+    def save(self, directory: str | Path, *, max_bytes: int | None = None) -> list[Path]:
+        """Write every artifact under ``directory`` (file names are kept unique); URL artifacts are streamed
+        to disk, each at most ``max_bytes``."""
         directory = Path(directory)
         paths: list[Path] = []
         used: set[str] = set()
@@ -849,7 +871,7 @@ class JobResult(BaseModel):
                 name = f"{stem or base}_{n}{dot}{ext}" if dot else f"{base}_{n}"
                 n += 1
             used.add(name)
-            paths.append(art.save(directory, name=name))
+            paths.append(art.save(directory, name=name, max_bytes=max_bytes))
         return paths
 
     def summary(self) -> dict[str, Any]:

@@ -211,3 +211,25 @@ async def test_results_are_cached_within_a_byte_bound_and_served_from_the_store_
     assert done.result is not None and len(done.result.artifacts) == 2
     assert all(a.data for a in done.result.artifacts)
     await backend.aclose()
+
+
+async def test_the_gateway_uploads_large_outputs_of_a_provider_that_returns_bytes(comfy, local, store,
+                                                                                  store_settings):
+    """The local provider hands back bytes; with an artifact store the gateway keeps and serves URLs, and the
+    RunPod facade lists them as worker-comfyui's ``s3_url`` entries."""
+    from gpubridge.server.runpod_shapes import output_of
+    from gpubridge.storage import ArtifactStore
+
+    comfy.faults.output_size = 1_500_000  # over the 1 MB threshold
+    backend = RunnerBackend(local, store, accept_wait=5.0, artifacts=ArtifactStore(store_settings))
+    await backend.start()
+    env = await backend.submit(request())
+    env = await _until(backend, env.job_id, JobState.SUCCEEDED)
+    arts = env.result.artifacts
+    assert arts and all(a.holds == "url" and a.size == 1_500_000 for a in arts)
+    again = await RunnerBackend(local, store).get(env.job_id)  # from the store: URLs, not bytes
+    assert [a.url for a in again.result.artifacts] == [a.url for a in arts]
+    entries = output_of(again.result)["images"]
+    assert all(e["type"] == "s3_url" and e["data"].startswith(store_settings.endpoint_url) for e in entries)
+    assert entries[0]["sha256"] == arts[0].sha256
+    backend._closed = True

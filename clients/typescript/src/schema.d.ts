@@ -131,6 +131,8 @@ export interface components {
             mime_type?: string | null;
             /** Node Id */
             node_id: string;
+            /** Sha256 */
+            sha256?: string | null;
             /** Size */
             size?: number | null;
             /**
@@ -144,6 +146,8 @@ export interface components {
             type?: string | null;
             /** Url */
             url?: string | null;
+            /** Url Expires At */
+            url_expires_at?: number | null;
             /** Width */
             width?: number | null;
         };

@@ -43,6 +43,7 @@ from gpubridge.errors import (
 from gpubridge.models import EventType, HealthReport, JobHandle, JobRequest, JobResult, JobState, Progress
 from gpubridge.resilience.policy import Backoff, retry_after_of
 from gpubridge.runner import WorkflowRunner
+from gpubridge.storage import ArtifactStore
 
 from .backend import JobBackend
 from .schema import JobEnvelope, JobRecord, error_dict, record_key
@@ -95,8 +96,10 @@ class RunnerBackend(JobBackend):
         close_store: bool = False,
         on_finish: Callable[[JobRecord, str | None], None] | None = None,
         progress_interval: float = 0.25,
+        artifacts: ArtifactStore | None = None,
     ):
         self.runner = runner
+        self.artifacts = artifacts  # outputs over its threshold are uploaded: results hold their URLs
         self.store = store
         self.provider = provider or getattr(runner, "name", "gateway")
         self.retention = retention
@@ -451,6 +454,12 @@ class RunnerBackend(JobBackend):
 
     async def _succeed(self, job_id: str, result: JobResult) -> None:
         result = result.model_copy(update={"job_id": job_id})
+        if self.artifacts is not None:
+            try:
+                result = await self.artifacts.offload(result)
+            except GpuBridgeError as exc:  # the store failed, not the job: keep the bytes, say so
+                log.warning("job %s: outputs kept inline: %s", job_id, exc)
+                result.warnings.append(f"outputs kept inline: the artifact store failed ({exc})")
         self._cache(job_id, result)
         await self._finish(job_id, JobState.SUCCEEDED, None, None, served_by=result.provider,
                            extra={result_key(job_id): {"json": result.model_dump_json()}})

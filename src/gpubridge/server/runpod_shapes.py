@@ -160,10 +160,16 @@ def ext(mime: str | None) -> str:
 def file_entry(art: Artifact, index: int, *, data: str | None = None, type_: str = "base64") -> dict[str, Any]:
     """One output file, worker-comfyui's shape; ``data`` defaults to the artifact's bytes in base64."""
     filename = art.filename or f"node{art.node_id}_{index}{ext(art.mime_type)}"
+    if data is None and art.data is None and art.url is not None:
+        data, type_ = art.url, "s3_url"  # an artifact the store holds: its presigned URL
     if data is None:
         data = base64.b64encode(art.data).decode("ascii") if art.data is not None else ""
     entry: dict[str, Any] = {"filename": filename, "type": type_, "data": data,
                              "node_id": art.node_id, "mime_type": art.mime_type}
+    if art.url_expires_at is not None:
+        entry["url_expires_at"] = art.url_expires_at
+    if art.sha256 is not None:
+        entry["sha256"] = art.sha256
     if art.subfolder:
         entry["subfolder"] = art.subfolder
     if art.width and art.height:

@@ -43,6 +43,7 @@ from ...models import (
     Timings,
 )
 from ...runner import JobRef, WorkflowRunner, as_request, job_id_of
+from ...storage import ArtifactStore
 from ._polling import _Outcome, is_transient, poll_delays, transient_delay
 from ._health import StallTracker
 from ._ratelimit import EndpointLimits, _RateLimiter, shared_limits
@@ -104,6 +105,7 @@ class RunPodRunner(WorkflowRunner):
         status_sync_wait: float = 10.0,
         capabilities_ttl: float = 3600.0,
         capabilities_wait: float = 10.0,
+        artifacts: ArtifactStore | None = None,
         max_body_bytes: int = MAX_BODY_BYTES,
         transport: httpx.AsyncBaseTransport | None = None,
     ):
@@ -139,6 +141,7 @@ class RunPodRunner(WorkflowRunner):
         self.status_sync = status_sync  # None: not known yet; a 404 on /status-sync makes it False
         self.status_sync_wait = status_sync_wait
         self.capabilities_ttl = capabilities_ttl
+        self.artifacts = artifacts  # the store that takes inputs too large for the request body
         self.capabilities_wait = capabilities_wait
         self._capabilities: tuple[float, dict[str, Any] | None] | None = None  # (monotonic time, info)
         self.health_resample = health_resample
@@ -218,6 +221,7 @@ class RunPodRunner(WorkflowRunner):
             status_sync_wait=cfg.status_sync_wait,
             capabilities_ttl=cfg.capabilities_ttl,
             capabilities_wait=cfg.capabilities_wait,
+            artifacts=ArtifactStore.from_env(),
         )
 
     def __repr__(self) -> str:
@@ -315,8 +319,27 @@ class RunPodRunner(WorkflowRunner):
             inputs[name] = InputFile(data=got.data, mime_type=got.content_type)
         return request.model_copy(update={"inputs": inputs})
 
+    async def _upload_large_inputs(self, request: JobRequest) -> JobRequest:
+        """When the inputs would push the body past RunPod's limit and an artifact store is configured, upload
+        the byte inputs to it and pass presigned URLs instead (the gpubridge worker downloads them; the
+        store's endpoint is on its fetch allow list). A stock worker-comfyui cannot read URLs: unchanged."""
+        if self.artifacts is None or self.worker != "gpubridge" or not request.inputs:
+            return request
+        files = {name: InputFile.coerce(f) for name, f in request.inputs.items()}
+        inline = sum(len(f.data) for f in files.values() if f.data is not None)
+        if (inline + 2) // 3 * 4 + len(json.dumps(request.workflow.to_api())) + 4096 <= self.max_payload_bytes:
+            return request
+        inputs: dict[str, Any] = dict(request.inputs)
+        for name, f in files.items():
+            if f.data is not None:
+                stored = await self.artifacts.put(f.data, name, content_type=f.mime_type, prefix="inputs",
+                                                  job_id=request.request_id)
+                inputs[name] = InputFile(url=stored.url, mime_type=f.mime_type)
+        return request.model_copy(update={"inputs": inputs})
+
     async def _submit(self, request: JobRequest, *, sync_wait: float | None = None) -> JobHandle:
         request = await self._inline_url_inputs(request)
+        request = await self._upload_large_inputs(request)
         content = self.encode_body(request)
         timeout = request.timeout or self.default_timeout
         submitted = time.time()

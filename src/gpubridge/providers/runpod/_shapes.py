@@ -247,9 +247,11 @@ def _artifact_of(key: str, item: Mapping[str, Any]) -> Artifact | None:
         mime_type=mime,
         data=data,
         url=url,
+        url_expires_at=item.get("url_expires_at") if isinstance(item.get("url_expires_at"), (int, float)) else None,
+        sha256=item.get("sha256") if isinstance(item.get("sha256"), str) else None,
         width=item.get("width"),
         height=item.get("height"),
-        size=len(data) if data is not None else None,
+        size=len(data) if data is not None else (item["size"] if isinstance(item.get("size"), int) else None),
     )
 
 

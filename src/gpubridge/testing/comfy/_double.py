@@ -199,11 +199,15 @@ class _Socket:
 # ------------------------------------------------------------------------------------------ files
 
 
+_FILLER = random.Random(0).randbytes(1 << 20)
+
+
 class _Store:
     """The double's folders (input/ output/ temp/) and ComfyUI's file naming."""
 
-    def __init__(self, root: str):
+    def __init__(self, root: str, faults: Any = None):
         self.root = os.path.realpath(root)
+        self.faults = faults
         self.input_dir = os.path.join(self.root, "input")
         self.output_dir = os.path.join(self.root, "output")
         self.temp_dir = os.path.join(self.root, "temp")
@@ -287,10 +291,14 @@ class _Store:
         if self._counters.get(key, 0) < counter:
             self._counters[key] = counter
 
-    @staticmethod
-    def write(path: str, data: bytes) -> None:
+    def write(self, path: str, data: bytes) -> None:
+        pad = (self.faults.output_size if self.faults is not None else 0) - len(data)
         with open(path, "wb") as fh:
             fh.write(data)
+            while pad > 0:  # incompressible filler, written in chunks (a 200 MB file never sits in memory)
+                chunk = _FILLER[: min(pad, len(_FILLER))]
+                fh.write(chunk)
+                pad -= len(chunk)
 
     def preview_prefix(self, node_id: str, class_type: str) -> str:
         key = (node_id, class_type)
@@ -548,7 +556,7 @@ class ComfyDouble:
         self._loop = asyncio.get_running_loop()
         if self.store is None:
             root = tempfile.mkdtemp(prefix="comfy-double-") if self._own_root else os.fspath(self._root_arg)
-            self.store = _Store(root)
+            self.store = _Store(root, self.faults)
         for folder in (
             self.store.input_dir,
             self.store.output_dir,

@@ -98,6 +98,8 @@ class Faults:
     - ``paused``: a stuck queue; the worker takes no new job (pending jobs stay pending) until unset.
     - ``hold_prompts``: ``POST /prompt`` reads the body, then waits until unset before validating and
       queueing it (ComfyUI validates asynchronously; a slow validation, or a POST still in flight).
+    - ``output_size``: every file a node writes (outputs, previews) is padded to at least this many bytes with
+      bytes that do not compress: a 30 MB video, a 200 MB artifact (0: the placeholder's own size).
     - ``history_delay``: seconds between ``execution_success`` and writing the history entry (ComfyUI's
       race window, where ``GET /history/{id}`` still answers ``{}``). ``hold_history``: keep that window
       open until unset (deterministic).
@@ -115,6 +117,7 @@ class Faults:
     history_delay: float = 0.0
     hold_history: bool = False
     hold_prompts: bool = False
+    output_size: int = 0
 
     _listener: Callable[[], None] | None = field(default=None, repr=False, compare=False)
 
@@ -190,4 +193,6 @@ class Faults:
                 value = float(value or 0.0)
             elif name in ("paused", "hold_history", "hold_prompts"):
                 value = bool(value)
+            elif name == "output_size":
+                value = max(0, int(value or 0))
             setattr(self, name, value)
