@@ -423,7 +423,7 @@ class ComfyWorker:
             result.warnings.append(f"No cost estimate: unknown price for GPU {record.gpu or self.gpu!r}")
         if self.artifacts is not None:
             try:
-                result = await self.artifacts.offload(result)
+                result = await self.artifacts.offload(result, prefix=request.store_prefix)
             except GpuBridgeError as exc:  # the store failed, not the job: the bytes go back inline
                 log.warning("job %s: outputs kept inline: %s", record.job_id, exc)
                 result.warnings.append(f"outputs kept inline: the artifact store failed ({exc})")

@@ -64,7 +64,7 @@ from gpubridge.errors import (
     ProviderUnavailable,
     WorkflowInvalid,
 )
-from gpubridge.models import Artifact, ArtifactKind, EventType, JobResult
+from gpubridge.models import Artifact, ArtifactKind, EventType, JobResult, store_prefix_problem
 from gpubridge.server.runpod_shapes import (
     GPUBRIDGE_VERSION,
     InputError,
@@ -288,6 +288,10 @@ class Worker:
         raw = job.get("input")
         if isinstance(raw, Mapping) and raw.get("gpubridge_capabilities") is True:
             return await self.capabilities()
+        prefix = _store_prefix(job)
+        message = store_prefix_problem(prefix) if prefix is not None else None
+        if message:
+            return {"error": message, "details": {"exception_type": "WorkflowInputError", "exception_message": message}}
         try:
             spec = parse_input(raw)
         except InputError as exc:
@@ -424,7 +428,7 @@ class Worker:
     async def _output(self, job: Mapping[str, Any], result: JobResult, t0: float) -> dict[str, Any]:
         t_enc = time.perf_counter()
         entries = [
-            (art, await self._file_entry(str(job.get("id", "job")), art, index))
+            (art, await self._file_entry(str(job.get("id", "job")), art, index, _store_prefix(job)))
             for index, art in enumerate(result.artifacts) if art.kind is not ArtifactKind.TEXT
         ]
         t = result.timings
@@ -450,7 +454,8 @@ class Worker:
                                                                ("images", "videos", "gifs", "audio", "files"))}}
         return out
 
-    async def _file_entry(self, job_id: str, art: Artifact, index: int) -> dict[str, Any]:
+    async def _file_entry(self, job_id: str, art: Artifact, index: int, prefix: str | None = None
+                          ) -> dict[str, Any]:
         if self.config.bucket_endpoint_url and art.data is not None:
             # worker-comfyui's contract: every file to the BUCKET_* bucket through runpod's rp_upload
             filename = file_entry(art, index, data="")["filename"]
@@ -458,11 +463,20 @@ class Worker:
             return file_entry(art, index, data=url, type_="s3_url")
         if self.artifacts is not None and art.data is not None and self.artifacts.should_upload(len(art.data)):
             filename = file_entry(art, index, data="")["filename"]
-            stored = await self.artifacts.put(art.data, filename, content_type=art.mime_type, job_id=job_id)
+            stored = await self.artifacts.put(art.data, filename, content_type=art.mime_type, job_id=job_id,
+                                              prefix=prefix)
             entry = file_entry(art, index, data=stored.url, type_="s3_url")
             entry.update(size=stored.size, sha256=stored.sha256, url_expires_at=stored.expires_at)
             return entry
         return file_entry(art, index)
+
+
+def _store_prefix(job: Mapping[str, Any]) -> str | None:
+    """``input.gpubridge.store_prefix`` (checked when the job arrived, see :meth:`Worker.handle`)."""
+    raw = job.get("input")
+    meta = raw.get("gpubridge") if isinstance(raw, Mapping) else None
+    prefix = meta.get("store_prefix") if isinstance(meta, Mapping) else None
+    return prefix if isinstance(prefix, str) and prefix else None
 
 
 def _smaller(a: float | None, b: float | None) -> float | None:

@@ -347,6 +347,18 @@ class JobRequest(BaseModel):
     idempotency_key: str | None = None
     tags: dict[str, str] = Field(default_factory=dict)
     request_id: str = Field(default_factory=new_request_id)
+    store_prefix: str | None = Field(default=None, max_length=200)
+    """Where in the configured artifact store this job's uploaded outputs go: a relative path of plain names
+    under the store's own bucket and prefix (never another bucket)."""
+
+    @field_validator("store_prefix")
+    @classmethod
+    def _store_prefix(cls, v: str | None) -> str | None:
+        if v is not None:
+            problem = store_prefix_problem(v)
+            if problem:
+                raise WorkflowInputError(problem)
+        return v
 
     @field_validator("workflow", mode="before")
     @classmethod
@@ -494,6 +506,19 @@ class RemoteJobRequest(BaseModel):
         default_factory=list, max_length=1,
         description="Also POST progress updates (best effort, rate-limited) to the webhook",
     )
+    store_prefix: str | None = Field(
+        default=None, min_length=1, max_length=200, pattern=r"^[A-Za-z0-9._\-/]+$",
+        description="Where in the server's artifact store this job's uploaded outputs go: a relative path of "
+        "plain names under the store's own bucket and prefix",
+    )
+
+    @field_validator("store_prefix")
+    @classmethod
+    def _plain_prefix(cls, v: str | None) -> str | None:
+        problem = store_prefix_problem(v) if v is not None else None
+        if problem:
+            raise ValueError(problem)
+        return v
 
     @field_validator("workflow", mode="before")
     @classmethod
@@ -528,6 +553,7 @@ class RemoteJobRequest(BaseModel):
             idempotency_key=self.idempotency_key,
             tags=self.tags,
             request_id=self.request_id,
+            store_prefix=self.store_prefix,
         )
 
 
@@ -769,6 +795,19 @@ class Artifact(BaseModel):
 
 
 _UNSAFE_NAME_CHARS = re.compile(r'[\x00-\x1f\x7f/\\:*?"<>|]')
+
+
+_STORE_PREFIX = re.compile(r"^[A-Za-z0-9._\-/]{1,200}$")
+
+
+def store_prefix_problem(prefix: str) -> str | None:
+    """Why ``prefix`` cannot be an artifact-store prefix (None when it can): a relative path of plain names."""
+    segments = prefix.strip("/").split("/")
+    if (not _STORE_PREFIX.match(prefix) or prefix.startswith("/") or "//" in prefix
+            or any(seg in ("", ".", "..") for seg in segments)):
+        return (f"store prefix {prefix!r} must be a relative path of plain names (letters, digits, . _ - /), "
+                "inside the configured bucket and prefix")
+    return None
 
 
 def safe_filename(name: str | None, *, fallback: str, max_bytes: int = 200) -> str:

@@ -31,14 +31,13 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .errors import ConfigError, ProviderUnavailable, WorkflowInputError
-from .models import Artifact, ArtifactKind, JobResult
+from .models import Artifact, ArtifactKind, JobResult, store_prefix_problem
 
 __all__ = ["ArtifactStore", "StoreSettings", "Stored", "parse_size"]
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
           "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
-_PREFIX = re.compile(r"^[A-Za-z0-9._\-/]{1,200}$")
 
 
 def parse_size(text: str | int) -> int:
@@ -158,11 +157,9 @@ class ArtifactStore:
         path of plain segments; anything else (``..``, a leading ``/``, another bucket) is refused."""
         parts = [self.prefix] if self.prefix else []
         if prefix:
-            segments = prefix.strip("/").split("/")
-            if (not _PREFIX.match(prefix) or prefix.startswith("/") or "//" in prefix
-                    or any(seg in ("", ".", "..") for seg in segments)):
-                raise WorkflowInputError(f"store prefix {prefix!r} must be a relative path of plain names "
-                                         "(letters, digits, . _ - /), inside the configured bucket and prefix")
+            problem = store_prefix_problem(prefix)
+            if problem:
+                raise WorkflowInputError(problem)
             parts.append(prefix.strip("/"))
         if job_id:
             parts.append(re.sub(r"[^A-Za-z0-9._\-]", "_", job_id)[:100])

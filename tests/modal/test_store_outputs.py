@@ -56,3 +56,16 @@ def test_a_30mb_video_comes_back_as_a_url_and_run_out_writes_the_same_bytes(
     art = summary["artifacts"][0]  # the job API sent a URL, not 40 MB of base64
     assert art["url"].startswith(store_settings.endpoint_url) and art["size"] == SIZE
     assert art["sha256"] == hashlib.sha256(body).hexdigest() and art["url_expires_at"] > 0
+
+
+def test_a_request_prefix_places_outputs_and_a_bad_one_is_a_422(threaded_comfy, store_settings):
+    httpx.post(f"{threaded_comfy.url}/gpubridge/faults", json={"output_size": 2_000_000}).raise_for_status()
+    headers = {"Authorization": "Bearer test-token-7f3a9c"}
+    with serve_api(threaded_comfy.url, worker={"artifacts": ArtifactStore(store_settings)}) as (url, _):
+        bad = httpx.post(f"{url}/v1/run", json={"workflow": VIDEO, "store_prefix": "../elsewhere"}, headers=headers,
+                         timeout=30)
+        assert bad.status_code == 422 and "store prefix" in bad.text
+        good = httpx.post(f"{url}/v1/run", json={"workflow": VIDEO, "store_prefix": "team-a/renders"},
+                          headers=headers, timeout=60)
+    assert good.status_code == 200, good.text
+    assert all(k.startswith("gb/team-a/renders/") for k in _objects(store_settings))

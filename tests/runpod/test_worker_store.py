@@ -63,10 +63,14 @@ async def test_the_gpubridge_store_uploads_over_the_threshold_with_expiry_and_ch
     worker_module.configure(comfy_url=comfy.url, reconnect_timeout=0.5, progress_interval=0.0,
                             store=store_settings)
     try:
-        out = await worker_module.handler(job({"workflow": INVERT}, "job-big"))
+        out = await worker_module.handler(job({"workflow": INVERT, "gpubridge": {"store_prefix": "team-b"}},
+                                              "job-big"))
+        bad = await worker_module.handler(job({"workflow": INVERT, "gpubridge": {"store_prefix": "../x"}}))
     finally:
         await worker_module.aclose()
+    assert "store prefix" in bad["error"] and bad["gpubridge_error"]["exception_type"] == "WorkflowInputError"
     image = out["images"][0]
+    assert "/gb/team-b/job-big/" in image["data"]
     assert all(i["type"] == "s3_url" for i in out["images"])
     assert image["size"] == 2_000_000 and image["url_expires_at"] > time.time()
     body = httpx.get(image["data"]).content

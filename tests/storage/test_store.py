@@ -84,3 +84,12 @@ async def test_url_artifacts_stream_to_disk_with_cap_and_checksum(store_settings
     with pytest.raises(InputUnavailable, match="HTTP 404") as info:
         gone.save(tmp_path / "gone")
     assert "X-Amz-Signature" not in str(info.value) and not info.value.retryable
+
+
+def test_a_request_prefix_is_checked_when_the_request_is_made():
+    from gpubridge.models import JobRequest
+
+    ok = JobRequest(workflow={"1": {"class_type": "SaveImage", "inputs": {}}}, store_prefix="team-a/renders")
+    assert ok.store_prefix == "team-a/renders"
+    with pytest.raises(WorkflowInputError, match="store prefix"):
+        JobRequest(workflow={"1": {"class_type": "SaveImage", "inputs": {}}}, store_prefix="../other-bucket")

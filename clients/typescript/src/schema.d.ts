@@ -404,6 +404,11 @@ export interface components {
             queue_timeout?: number | null;
             /** Request Id */
             request_id?: string;
+            /**
+             * Store Prefix
+             * @description Where in the server's artifact store this job's uploaded outputs go: a relative path of plain names under the store's own bucket and prefix
+             */
+            store_prefix?: string | null;
             /** Tags */
             tags?: {
                 [key: string]: string;

@@ -260,6 +260,8 @@ class RunnerBackend(JobBackend):
             request_id=request.request_id, tags=dict(request.tags),
         )
         entry = {"owner": self.owner, "lease_until": now + self.lease, "accepted_at": now, "handle": None}
+        if request.store_prefix:
+            entry["store_prefix"] = request.store_prefix  # kept with the run: a gateway that adopts it uses it
         await self.store.apply({record_key(job_id): record.dump(), run_key(job_id): entry})
         self._live[job_id], self._runs[job_id] = record, entry
         accepted: asyncio.Future[JobHandle] = asyncio.get_running_loop().create_future()
@@ -456,7 +458,8 @@ class RunnerBackend(JobBackend):
         result = result.model_copy(update={"job_id": job_id})
         if self.artifacts is not None:
             try:
-                result = await self.artifacts.offload(result)
+                prefix = (await self._run_entry(job_id)).get("store_prefix")
+                result = await self.artifacts.offload(result, prefix=prefix)
             except GpuBridgeError as exc:  # the store failed, not the job: keep the bytes, say so
                 log.warning("job %s: outputs kept inline: %s", job_id, exc)
                 result.warnings.append(f"outputs kept inline: the artifact store failed ({exc})")

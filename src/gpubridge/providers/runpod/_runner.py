@@ -243,6 +243,8 @@ class RunPodRunner(WorkflowRunner):
         if images:
             payload["images"] = images
         payload["gpubridge"] = {"request_id": request.request_id}
+        if request.store_prefix:
+            payload["gpubridge"]["store_prefix"] = request.store_prefix
         if request.tags:
             payload["gpubridge"]["tags"] = dict(request.tags)
         return payload
@@ -332,7 +334,8 @@ class RunPodRunner(WorkflowRunner):
         inputs: dict[str, Any] = dict(request.inputs)
         for name, f in files.items():
             if f.data is not None:
-                stored = await self.artifacts.put(f.data, name, content_type=f.mime_type, prefix="inputs",
+                prefix = f"{request.store_prefix.strip('/')}/inputs" if request.store_prefix else "inputs"
+                stored = await self.artifacts.put(f.data, name, content_type=f.mime_type, prefix=prefix,
                                                   job_id=request.request_id)
                 inputs[name] = InputFile(url=stored.url, mime_type=f.mime_type)
         return request.model_copy(update={"inputs": inputs})
