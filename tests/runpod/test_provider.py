@@ -622,3 +622,34 @@ async def test_a_job_done_between_two_polls_still_reports_started():
             assert [e.type for e in events] == [EventType.QUEUED, EventType.STARTED, EventType.SUCCEEDED]
         finally:
             await r.aclose()
+
+
+async def test_concurrent_first_polls_on_an_endpoint_without_status_sync_lose_no_job():
+    """Two jobs' first polls probe /status-sync at the same moment and both get the endpoint's 404: that
+    says the route is missing, not that the jobs are gone, so neither may be settled as expired."""
+    arrived, both = [], asyncio.Event()
+
+    async def no_status_sync(request: httpx.Request) -> httpx.Response:
+        arrived.append(request.url.path)
+        if len(arrived) >= 2:
+            both.set()
+        await both.wait()  # answer only once both probes are in flight
+        return httpx.Response(404, json={"error": "not found"})
+
+    png = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"0" * 32).decode()
+    done = {"status": "COMPLETED", "output": {"images": [{"filename": "a.png", "type": "base64", "data": png}]}}
+    with respx.mock(base_url="http://rp.test/v2/ep") as mock:
+        mock.post("/run").mock(side_effect=[httpx.Response(200, json={"id": "j1", "status": "IN_QUEUE"}),
+                                            httpx.Response(200, json={"id": "j2", "status": "IN_QUEUE"})])
+        mock.route(method="GET", url__regex=r".*/status-sync/.*").mock(side_effect=no_status_sync)
+        mock.get("/status/j1").respond(200, json={"id": "j1", **done})
+        mock.get("/status/j2").respond(200, json={"id": "j2", **done})
+        r = RunPodRunner("ep", api_key=API_KEY, base_url="http://rp.test/v2", retry_initial=0)
+        try:
+            handles = [await r.submit(req()), await r.submit(req())]
+            results = await asyncio.gather(*(r.wait(h) for h in handles), return_exceptions=True)
+        finally:
+            await r.aclose()
+    assert len(arrived) == 2
+    assert all(not isinstance(x, BaseException) and x.images for x in results), results
+    assert r.status_sync is False

@@ -547,8 +547,9 @@ class RunPodRunner(WorkflowRunner):
                 try:
                     body = await self._before_deadline(out, self._ask_status(out, loop, synced))
                 except _NotFound:
-                    if synced and self.status_sync is None:
-                        # No /status-sync here (or no such job): ask /status, which tells the two apart.
+                    # A 404 on /status-sync before the endpoint ever answered one (this job's or another's
+                    # probe, concurrently) says nothing about the job: ask /status, which tells the two apart.
+                    if synced and self.status_sync is not True:
                         log.info("RunPod endpoint %s has no /status-sync; polling /status", self.endpoint_id)
                         self.status_sync = False
                         continue
@@ -557,7 +558,7 @@ class RunPodRunner(WorkflowRunner):
                 except TimeoutError:
                     continue  # the deadline passed mid-request
                 except GpuBridgeError as exc:
-                    if synced and self.status_sync is None and not is_transient(exc):
+                    if synced and self.status_sync is not True and not is_transient(exc):
                         # An endpoint that answers /status-sync with anything but a status (405, 400...)
                         # does not have it: poll /status from now on.
                         log.info("RunPod endpoint %s refused /status-sync (%s); polling /status",
