@@ -16,6 +16,8 @@ Sections (``--only`` takes their names):
 - ``jobapi``: the job API's RSS after 200 jobs of 1 MB outputs against after 20 (bound +30 MB).
 - ``gateway``: ``gpubridge serve`` (POST /v1/run) against the same runner in-process, p50 (bound +2 ms),
   and the gateway's CPU per job with 500 jobs at once.
+- ``comfy_api``: provider ``comfy`` against Comfy Org's ``comfy-sdk`` on the same comfy-api-proxy, p50 per
+  job (bound 0.5x).
 - ``store``: peak RSS of ``gpubridge run --out`` saving a 200 MB artifact returned as a presigned URL, over
   the same command for a 1 KB one (bound +100 MB).
 
@@ -40,7 +42,7 @@ from typing import Any
 
 from bench._harness import Row, quiet_logs, table
 
-SECTIONS = ("overhead", "paths", "peer", "scale", "failover", "shadow", "url_input", "jobapi", "gateway", "store")
+SECTIONS = ("overhead", "paths", "peer", "scale", "failover", "shadow", "url_input", "jobapi", "gateway", "store", "comfy_api")
 
 
 def _section(name: str, quick: bool, comfy_url: str | None) -> tuple[list[Row], Any]:
@@ -80,6 +82,10 @@ def _section(name: str, quick: bool, comfy_url: str | None) -> tuple[list[Row], 
         from bench import gateway
 
         return gateway.run(quick, comfy_url), None
+    if name == "comfy_api":
+        from bench import comfy_api
+
+        return comfy_api.run(quick), None
     if name == "store":
         from bench import store
 

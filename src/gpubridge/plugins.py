@@ -58,6 +58,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "gpubridge.providers.local",
     "gpubridge.providers.modal",
     "gpubridge.providers.runpod",
+    "gpubridge.providers.comfy_api",
 )
 
 hookspec = pluggy.HookspecMarker(PROJECT)

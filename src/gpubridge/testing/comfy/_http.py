@@ -268,6 +268,18 @@ def build_app(double: ComfyDouble) -> web.Application:
         double.request_interrupt(data.get("prompt_id"))
         return web.Response(status=200)
 
+    @api.post("/jobs/{prompt_id}/cancel")
+    @_comfy
+    async def post_job_cancel(request: web.Request) -> web.StreamResponse:
+        """Newer ComfyUI's atomic per-job cancel (after 0.3.64; comfy-api-proxy uses it): dequeue the
+        job if it is pending, interrupt it if it runs, else nothing. The double serves it so that the proxy's
+        cancel can be tested; a 0.3.64 ComfyUI answers 404 and the proxy's cancel then does nothing."""
+        prompt_id = request.match_info["prompt_id"]
+        if not double.delete_pending(prompt_id):
+            double.stats.interrupts += 1
+            double.request_interrupt(prompt_id)
+        return web.Response(status=200)
+
     @api.post("/free")
     @_comfy
     async def post_free(request: web.Request) -> web.StreamResponse:
