@@ -4,7 +4,8 @@
 
 Sections (``--only`` takes their names):
 
-- ``overhead``: the local provider against a minimal raw ComfyUI client (target <= 1.05x);
+- ``overhead``: the local provider against the stdlib floor (blocking http.client + a hand-spoken websocket;
+  target <= 1.05x p50, <= 1.10x CPU) and against a raw httpx + websockets client;
 - ``paths``: the Modal provider (job API under uvicorn) and the RunPod provider (endpoint double + the real
   worker handler), each against the raw client on the same ComfyUI;
 - ``peer``: the RunPod provider against ``runpod.Endpoint(...).run_sync`` on the same endpoint double;
@@ -16,6 +17,7 @@ Sections (``--only`` takes their names):
 - ``jobapi``: the job API's RSS after 200 jobs of 1 MB outputs against after 20 (bound +30 MB).
 - ``gateway``: ``gpubridge serve`` (POST /v1/run) against the same runner in-process, p50 (bound +2 ms),
   and the gateway's CPU per job with 500 jobs at once.
+- ``provider_scale``: 1,000 concurrent jobs through one Modal and one RunPod provider: client CPU per job.
 - ``comfy_api``: provider ``comfy`` against Comfy Org's ``comfy-sdk`` on the same comfy-api-proxy, p50 per
   job (bound 0.5x).
 - ``store``: peak RSS of ``gpubridge run --out`` saving a 200 MB artifact returned as a presigned URL, over
@@ -42,7 +44,8 @@ from typing import Any
 
 from bench._harness import Row, quiet_logs, table
 
-SECTIONS = ("overhead", "paths", "peer", "scale", "failover", "shadow", "url_input", "jobapi", "gateway", "store", "comfy_api")
+SECTIONS = ("overhead", "paths", "peer", "scale", "failover", "shadow", "url_input", "jobapi", "gateway", "store", "comfy_api",
+            "provider_scale")
 
 
 def _section(name: str, quick: bool, comfy_url: str | None) -> tuple[list[Row], Any]:
@@ -82,6 +85,10 @@ def _section(name: str, quick: bool, comfy_url: str | None) -> tuple[list[Row], 
         from bench import gateway
 
         return gateway.run(quick, comfy_url), None
+    if name == "provider_scale":
+        from bench import provider_scale
+
+        return provider_scale.run(quick), None
     if name == "comfy_api":
         from bench import comfy_api
 

@@ -5,7 +5,9 @@ Servers run in their own processes so the client process's CPU time is the clien
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import http.client
 import json
 import math
 import os
@@ -15,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -208,6 +211,87 @@ class RawClient:
     async def close(self) -> None:
         await self.ws.close()
         await self.http.aclose()
+
+
+class StdlibClient:
+    """The true floor: the least a client must do per job, on the standard library alone. Blocking
+    ``http.client`` with one keep-alive connection, and one websocket spoken by hand over a socket (the
+    handshake, unmasked server frames, masked client pongs). POST /prompt, read frames until ``executing`` with
+    ``node: null`` for the prompt, GET /history, GET /view for each image."""
+
+    def __init__(self, url: str):
+        parsed = urllib.parse.urlsplit(url)
+        self.host, self.port = parsed.hostname or "127.0.0.1", parsed.port or 80
+        self.client_id = uuid.uuid4().hex
+
+    def start(self) -> None:
+        self.http = http.client.HTTPConnection(self.host, self.port)
+        self.sock = socket.create_connection((self.host, self.port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall((f"GET /ws?clientId={self.client_id} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+                           f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                           "Sec-WebSocket-Version: 13\r\n\r\n").encode())
+        self.buf = bytearray()
+        while b"\r\n\r\n" not in self.buf:
+            self.buf += self.sock.recv(65536)
+        head, _, rest = bytes(self.buf).partition(b"\r\n\r\n")
+        if b" 101 " not in head.split(b"\r\n", 1)[0]:
+            raise RuntimeError(f"websocket handshake refused: {head[:100]!r}")
+        self.buf = bytearray(rest)
+
+    def _take(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("websocket closed")
+            self.buf += chunk
+        out = bytes(self.buf[:n])
+        del self.buf[:n]
+        return out
+
+    def frame(self) -> tuple[int, bytes]:
+        b0, b1 = self._take(2)
+        length = b1 & 0x7F
+        if length == 126:
+            length = int.from_bytes(self._take(2), "big")
+        elif length == 127:
+            length = int.from_bytes(self._take(8), "big")
+        payload = self._take(length)
+        opcode = b0 & 0x0F
+        if opcode == 0x9:  # ping: answer with a masked pong
+            mask = os.urandom(4)
+            self.sock.sendall(bytes([0x8A, 0x80 | len(payload)]) + mask
+                              + bytes(c ^ mask[i % 4] for i, c in enumerate(payload)))
+        return opcode, payload
+
+    def _get(self, path: str) -> bytes:
+        self.http.request("GET", path)
+        return self.http.getresponse().read()
+
+    def run(self, prompt: dict[str, Any]) -> list[bytes]:
+        body = json.dumps({"prompt": prompt, "client_id": self.client_id})
+        self.http.request("POST", "/prompt", body, {"Content-Type": "application/json"})
+        prompt_id = json.loads(self.http.getresponse().read())["prompt_id"]
+        while True:
+            opcode, payload = self.frame()
+            if opcode == 0x1:
+                msg = json.loads(payload)
+                data = msg["data"]
+                if msg["type"] == "executing" and data.get("node") is None and data.get("prompt_id") == prompt_id:
+                    break
+        history = json.loads(self._get(f"/history/{prompt_id}"))[prompt_id]
+        images = []
+        for output in history["outputs"].values():
+            for image in output.get("images", []):
+                images.append(self._get("/view?" + urllib.parse.urlencode(image)))
+        return images
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.sendall(bytes([0x88, 0x80]) + os.urandom(4))
+        self.sock.close()
+        self.http.close()
 
 
 # --------------------------------------------------------------------------------------- measurement

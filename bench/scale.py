@@ -177,7 +177,7 @@ async def measure(server: Server, jobs: int, rounds: int, levels: list[int], pro
             # Before the fix: 64 connections and every request queued inside httpx's pool (no gate).
             other = LocalRunner(server.url, max_connections=64) if which == "before" else LocalRunner(server.url)
             if which == "before":
-                other.client._max_requests = None
+                other.client._gate = None
             try:
                 await _burst(other, nxt, 100, 100)  # steady state: the pool filled as traffic would fill it
                 out["before_after"][which].append(await _timed(other, server, nxt, jobs, top))

@@ -10,7 +10,8 @@ from bench._harness import Row, table
 
 MODULES = ["bench.__main__", "bench._harness", "bench._runpod_server", "bench.overhead", "bench.paths", "bench.peer",
            "bench.scale", "bench.failover_reaction", "bench.shadow", "bench.shadow_overhead", "bench.runpod_vs_sdk",
-           "bench.url_input", "bench.gateway", "bench.store", "bench.comfy_api"]
+           "bench.url_input", "bench.gateway", "bench.store", "bench.comfy_api",
+           "bench.provider_scale"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -15,7 +15,7 @@ SRC = ROOT / "src" / "gpubridge"
 
 # layer of each top-level part of the package; a module may import only from its own layer or lower ones
 LAYERS = {
-    "errors": 0, "models": 0, "config": 0, "fetch": 0, "download": 0, "plugins": 0, "runner": 0, "__init__": 6,
+    "errors": 0, "models": 0, "config": 0, "fetch": 0, "download": 0, "gate": 0, "plugins": 0, "runner": 0, "__init__": 6,
     "comfy": 1,
     "manifest": 1, "lock": 1, "storage": 1,
     "providers": 2,

@@ -267,7 +267,7 @@ async def test_requests_to_comfyui_are_gated_and_a_cancelled_wait_gives_its_slot
         results = await asyncio.gather(*calls)
         assert all(r["system"]["comfyui_version"] for r in results)
         assert peak == 2
-        assert client._slots is not None and client._slots._value == 2  # the cancelled waiter's slot came back
+        assert client._gate._slots._value == 2  # the cancelled waiter's slot came back
     finally:
         await client.aclose()
 

@@ -50,6 +50,7 @@ from ..errors import (
     WorkflowInvalid,
 )
 from ..fetch import UrlFetcher
+from ..gate import RequestGate
 from ..models import (
     Artifact,
     ArtifactKind,
@@ -383,10 +384,7 @@ class ComfyClient:
         # request checks each idle connection (a socket poll each), and one ComfyUI serves 4 connections as
         # fast as 64 (bench/scale.py, BENCHMARKS.md). Raise ``max_connections`` for a remote ComfyUI whose
         # jobs download many large outputs at once.
-        self._max_requests = max_connections if http is None else None
-        self._pool_timeout = timeout
-        self._slots: asyncio.Semaphore | None = None
-        self._slots_loop: asyncio.AbstractEventLoop | None = None
+        self._gate = RequestGate(max_connections, timeout) if http is None else None
         self._http = http or httpx.AsyncClient(
             base_url=self.url,
             headers=self._headers,
@@ -533,48 +531,20 @@ class ComfyClient:
 
     # ----------------------------------------------------------------------------------------------- HTTP
 
-    def _request_slots(self) -> asyncio.Semaphore | None:
-        if self._max_requests is None:
-            return None
-        loop = asyncio.get_running_loop()
-        if self._slots is None or self._slots_loop is not loop:
-            self._slots = asyncio.Semaphore(self._max_requests)
-            self._slots_loop = loop
-        return self._slots
+    def _slot(self, method: str, path: str) -> Any:
+        """One of the request gate's slots (nothing to wait for when the caller brought its own client)."""
+        if self._gate is None:
+            return contextlib.nullcontext()
+        return self._gate.slot(provider=self.provider, what=f"ComfyUI at {self.url} on {method} {path}")
 
     async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        slots = self._request_slots()
-        if slots is None:
+        async with self._slot(method, path):
             return await self._send(method, path, **kwargs)
-        if slots.locked():
-            try:
-                async with asyncio.timeout(self._pool_timeout):
-                    await slots.acquire()
-            except TimeoutError:
-                raise ProviderUnavailable(
-                    f"ComfyUI at {self.url} timed out on {method} {path} (PoolTimeout)", provider=self.provider
-                ) from None
-        else:
-            await slots.acquire()
-        try:
-            return await self._send(method, path, **kwargs)
-        finally:
-            slots.release()
 
     @contextlib.asynccontextmanager
     async def _stream(self, method: str, path: str, **kwargs: Any) -> AsyncIterator[httpx.Response]:
         """A request whose body is read by the caller (``aiter_bytes``), holding its slot until done."""
-        slots = self._request_slots()
-        if slots is not None:
-            try:
-                async with asyncio.timeout(self._pool_timeout):
-                    await slots.acquire()
-            except TimeoutError:
-                raise ProviderUnavailable(
-                    f"ComfyUI at {self.url} timed out on {method} {path} (PoolTimeout)",
-                    provider=self.provider,
-                ) from None
-        try:
+        async with self._slot(method, path):
             resp = await self._send(method, path, stream=True, **kwargs)
             try:
                 yield resp
@@ -582,9 +552,6 @@ class ComfyClient:
                 raise self._transport_failure(method, path, exc) from None
             finally:
                 await resp.aclose()
-        finally:
-            if slots is not None:
-                slots.release()
 
     def _transport_failure(self, method: str, path: str, exc: httpx.TransportError) -> ProviderUnavailable:
         """A timeout or dropped connection on ``method path``, as the retryable error it is."""

@@ -63,6 +63,7 @@ from ..models import (
     JobState,
     JobStatus,
 )
+from ..gate import RequestGate
 from ..plugins import ProviderSpec, hookimpl
 from ..runner import JobRef, WorkflowRunner, job_id_of
 
@@ -76,6 +77,8 @@ __all__ = [
 ]
 
 _RETRY_DELAYS = (0.5, 1.0, 2.0)
+SHORT_CALLS = 64
+LONG_POLLS = 2000
 _RESUBMIT_DELAYS = (0.1, 0.5, 1.5)
 
 
@@ -267,7 +270,11 @@ class ModalRunner(WorkflowRunner):
             follow_redirects=False,
             trust_env=False,
             transport=transport,
+            # SHORT_CALLS short requests at once (the gate) plus one long-poll per job being followed: long-polls
+            # never queue short calls behind them, and nothing queues inside httpx's pool (gpubridge.gate).
+            limits=httpx.Limits(max_connections=SHORT_CALLS + LONG_POLLS, max_keepalive_connections=SHORT_CALLS),
         )
+        self._gate = RequestGate(SHORT_CALLS, request_timeout)
 
     @classmethod
     def from_settings(cls, settings: Settings, **options: Any) -> ModalRunner:
@@ -295,7 +302,11 @@ class ModalRunner(WorkflowRunner):
     ) -> httpx.Response:
         timeout = httpx.Timeout(self.request_timeout + wait, connect=self._http.timeout.connect)
         try:
-            resp = await self._http.request(method, path, timeout=timeout, **kwargs)
+            if wait > 0:  # a long-poll holds its connection while the job API waits: not gated
+                resp = await self._http.request(method, path, timeout=timeout, **kwargs)
+            else:
+                async with self._gate.slot(provider=self.name, what=f"The Modal job API on {method} {path}"):
+                    resp = await self._http.request(method, path, timeout=timeout, **kwargs)
         except httpx.ConnectError as exc:
             raise ProviderUnavailable(
                 f"Cannot reach the Modal job API at {self.shown_url} ({_reason(exc)})", provider=self.name

@@ -58,6 +58,7 @@ from ...models import (
     Timings,
     artifact_kind,
 )
+from ...gate import RequestGate
 from ...runner import EventStream, JobRef, WorkflowRunner, job_id_of
 from ._errors import error_of, failure_of
 
@@ -68,6 +69,8 @@ log = logging.getLogger("gpubridge.providers.comfy")
 _STATES = {"queued": JobState.QUEUED, "running": JobState.RUNNING, "canceling": JobState.RUNNING,
            "succeeded": JobState.SUCCEEDED, "failed": JobState.FAILED, "canceled": JobState.CANCELLED,
            "cancelled": JobState.CANCELLED}
+SHORT_CALLS = 64
+LONG_POLLS = 2000
 _KINDS = {"image": ArtifactKind.IMAGE, "video": ArtifactKind.VIDEO, "audio": ArtifactKind.AUDIO,
           "text": ArtifactKind.TEXT}
 
@@ -127,7 +130,10 @@ class ComfyApiRunner(WorkflowRunner):
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         self._http = httpx.AsyncClient(base_url=f"{self.url}/api/v2", headers=headers, transport=transport,
                                        timeout=httpx.Timeout(request_timeout, connect=min(10.0, request_timeout)),
-                                       limits=httpx.Limits(max_connections=200, max_keepalive_connections=50))
+                                       # SHORT_CALLS gated short requests plus one events stream per job
+                                       limits=httpx.Limits(max_connections=SHORT_CALLS + LONG_POLLS,
+                                                           max_keepalive_connections=SHORT_CALLS))
+        self._gate = RequestGate(SHORT_CALLS, request_timeout)
         self.default_timeout = default_timeout
         self.use_events = events
         self.poll_initial, self.poll_max = poll_initial, max(poll_max, poll_initial)
@@ -160,7 +166,8 @@ class ComfyApiRunner(WorkflowRunner):
         what = what or f"{method} {path.split('?')[0]}"
         for attempt in range(1, self.max_attempts + 1):
             try:
-                resp = await self._http.request(method, path, **kw)
+                async with self._gate.slot(provider=self.name, what=f"Comfy API {what}"):
+                    resp = await self._http.request(method, path, **kw)
             except httpx.TransportError as exc:
                 err: GpuBridgeError = ProviderUnavailable(f"Comfy API {what}: {type(exc).__name__}: {exc}",
                                                           provider=self.name)

@@ -355,7 +355,8 @@ class RunPodRunner(WorkflowRunner):
             path = f"/runsync?wait={max(1000, int(wait_s * 1000))}"
             call_timeout = max(1.0, wait_s) + self._http.timeout.read  # type: ignore[operator]
         try:
-            call = self._call("POST", path, content=content, resend=False, timeout=call_timeout)
+            call = self._call("POST", path, content=content, resend=False, timeout=call_timeout,
+                              long_poll=call_timeout is not None)
             data = await (asyncio.wait_for(call, timeout) if call_timeout is not None else call)
         except TimeoutError:
             raise JobTimeout(
@@ -610,7 +611,8 @@ class RunPodRunner(WorkflowRunner):
         if out.deadline is not None:
             wait = min(wait, max(1.0, out.deadline - loop.time()))
         read = self._http.timeout.read or 30.0  # type: ignore[attr-defined]
-        return self._call("GET", f"/status-sync/{out.job_id}?wait={int(wait * 1000)}", timeout=wait + read)
+        return self._call("GET", f"/status-sync/{out.job_id}?wait={int(wait * 1000)}", timeout=wait + read,
+                          long_poll=True)
 
     async def _pause(self, out: _Outcome, delay: float, loop: asyncio.AbstractEventLoop) -> None:
         """Sleep ``delay`` (never past the deadline); a cancel() wakes it early."""
@@ -891,7 +893,7 @@ class RunPodRunner(WorkflowRunner):
         info: dict[str, Any] | None = None
         try:
             data = await self._call("POST", f"/runsync?wait={max(1000, int(wait * 1000))}", content=body,
-                                    resend=False, timeout=wait + (self._http.timeout.read or 30.0))
+                                    resend=False, timeout=wait + (self._http.timeout.read or 30.0), long_poll=True)
         except GpuBridgeError as exc:
             log.info("RunPod endpoint %s: no capabilities (%s)", self.endpoint_id, exc)
             data = None

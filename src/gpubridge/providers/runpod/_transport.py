@@ -21,12 +21,19 @@ from ...errors import (
     RateLimited,
 )
 
+from ...gate import RequestGate
 from ._ratelimit import EndpointLimits, route_class
 
 log = logging.getLogger("gpubridge.providers.runpod")
 
 MAX_BODY_BYTES = 64 * 1024 * 1024
 """Largest response body read from RunPod (a /status body carries the job's base64 outputs)."""
+
+SHORT_CALLS = 100
+"""Short requests handed to httpx at once per endpoint client; more wait at the gate (:mod:`gpubridge.gate`)."""
+LONG_POLLS = 2000
+"""Long-polls (/runsync, /status-sync) at once per endpoint client: one per job being followed."""
+
 
 class _NotFound(ProviderError):
     """A 404 from the API (translated by each caller: expired job, unknown endpoint...)."""
@@ -86,17 +93,21 @@ class Transport:
             base_url=f"{base_url}/{endpoint_id}",
             headers=headers,
             timeout=httpx.Timeout(request_timeout, connect=min(10.0, request_timeout)),
-            limits=httpx.Limits(max_connections=100, max_keepalive_connections=100),
+            # SHORT_CALLS short requests at once (the gate) plus one long-poll per job being followed
+            # (/runsync, /status-sync hold their connection while RunPod waits): long-polls never queue short
+            # calls behind them, and nothing queues inside httpx's pool.
+            limits=httpx.Limits(max_connections=SHORT_CALLS + LONG_POLLS, max_keepalive_connections=SHORT_CALLS),
             transport=transport,
             trust_env=False,
         )
+        self.gate = RequestGate(SHORT_CALLS, request_timeout)
         self.stats: collections.Counter[str] = collections.Counter()
 
     async def aclose(self) -> None:
         await self.http.aclose()
 
     async def call(self, method: str, path: str, *, content: bytes | None = None, resend: bool = True,
-                    timeout: float | None = None) -> Any:
+                   timeout: float | None = None, long_poll: bool = False) -> Any:
         """One API call with bounded retries. ``resend=False`` (POST /run): retry only when the request
         cannot have been accepted."""
         route = route_class(path)
@@ -133,7 +144,10 @@ class Transport:
                 if self.limits is not None:
                     await self.limits.acquire(route)
                 self.stats[route] += 1
-                return await self._once(method, path, content, timeout)
+                if long_poll:
+                    return await self._once(method, path, content, timeout)
+                async with self.gate.slot(provider=self.name, what=f"RunPod {method} {route}"):
+                    return await self._once(method, path, content, timeout)
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _read_capped(self, resp: httpx.Response, where: str, method: str, path: str) -> bytes:
