@@ -170,3 +170,14 @@ def test_testing_comfy_serves_the_double(tmp_path):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_help_texts_keep_their_toml_table_names():
+    """Rich reads "[name]" as markup; an unescaped table name vanished from `shadow report --help` (issue 25,
+    item 5)."""
+    from typer.testing import CliRunner
+
+    from gpubridge.cli import app
+
+    out = CliRunner().invoke(app, ["shadow", "report", "--help"], env={"COLUMNS": "200"}).output
+    assert "[shadow_options]" in out

@@ -253,7 +253,7 @@ class Worker:
         if client is None:
             url = self.process.url if self.process is not None else self.config.comfy_url
             client = ComfyClient(url, provider="comfy", validate=self.config.validate,
-                                 reconnect_timeout=self.config.reconnect_timeout)
+                                 reconnect_timeout=self.config.reconnect_timeout, url_setting="COMFY_URL")
             if self.artifacts is not None and self.artifacts.endpoint_host:
                 # Inputs the RunPod provider uploaded to the store come as its presigned URLs.
                 client.url_fetcher = UrlFetcher.from_settings(also_allow=[self.artifacts.endpoint_host])

@@ -62,7 +62,8 @@ def report(
                                               "date/time (UTC).")] = None,
     format: Annotated[Format, typer.Option("--format", "-f", help="table, json or html.")] = Format.table,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Write the report to this file.")] = None,
-    db: Annotated[Path | None, typer.Option("--db", help="SQLite file (default: [shadow_options] db).")]
+    db: Annotated[Path | None, typer.Option(
+        "--db", help="SQLite file (default: the db of the \\[shadow_options] table).")]
     = None,
     check: Annotated[bool, typer.Option("--check", help="Exit 1 unless the verdict is go.")] = False,
     control: Annotated[str | None, typer.Option("--control", help="Control provider to judge (default: "

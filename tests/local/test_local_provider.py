@@ -237,13 +237,13 @@ async def test_a_submit_cancelled_in_flight_leaves_nothing_queued(local, comfy):
 
 
 async def test_requests_to_comfyui_are_gated_and_a_cancelled_wait_gives_its_slot_back(comfy):
-    """At most max_connections requests go to httpx at once (the rest wait in order), and a waiter that
+    """At most max_connections requests go to the wire at once (the rest wait in order), and a waiter that
     is cancelled does not leak its slot."""
     from gpubridge.comfy import ComfyClient
 
     client = ComfyClient(comfy.url, max_connections=2)
     try:
-        real = client._http.request
+        real = client._h1.exchange
         in_flight, peak, gate = 0, 0, asyncio.Event()
 
         async def counting(*args, **kwargs):
@@ -256,7 +256,7 @@ async def test_requests_to_comfyui_are_gated_and_a_cancelled_wait_gives_its_slot
             finally:
                 in_flight -= 1
 
-        client._http.request = counting
+        client._h1.exchange = counting
         calls = [asyncio.create_task(client.system_stats()) for _ in range(6)]
         doomed = asyncio.create_task(client.queue())
         for _ in range(5):

@@ -151,3 +151,10 @@ async def test_a_job_cancelled_by_runpod_on_a_hung_node_makes_the_next_job_ask_f
         assert comfy.stats.prompts_accepted == 1  # the next job was not queued behind the stuck one
     finally:
         comfy.release("ImageInvert")
+
+
+async def test_a_dead_comfyui_names_the_setting_the_worker_reads(worker_module, configure):
+    configure(comfy_url=f"http://127.0.0.1:{free_port()}", progress_interval=0.0)
+    out = await worker_module.handler(job({"workflow": INVERT}))
+    assert out["refresh_worker"] is True and "point COMFY_URL at a running server" in out["error"]
+    assert "GPUBRIDGE_COMFY_URL" not in out["error"]  # the worker does not read that one (issue 25, item 3)

@@ -51,6 +51,7 @@ from ..errors import (
 )
 from ..fetch import UrlFetcher
 from ..gate import RequestGate
+from ._h1 import H1Transport
 from ..models import (
     Artifact,
     ArtifactKind,
@@ -76,12 +77,13 @@ log = logging.getLogger("gpubridge.comfy")
 _MAX_WS_FRAME = 256 * 1024 * 1024
 
 
-def unreachable_message(url: str, reason: str) -> str:
+def unreachable_message(url: str, reason: str, setting: str = "GPUBRIDGE_COMFY_URL") -> str:
+    """What to do about a ComfyUI that does not answer; ``setting`` is where the caller's URL came from (the
+    RunPod worker reads ``COMFY_URL``)."""
     return (
         f"Cannot reach ComfyUI at {url} ({reason}). Start ComfyUI there "
         f"(in your ComfyUI folder: python main.py --listen 127.0.0.1 --port {urlsplit(url).port or 8188}), "
-        "or run the test double with `gpubridge testing comfy`, or point GPUBRIDGE_COMFY_URL at a running "
-        "server."
+        f"or run the test double with `gpubridge testing comfy`, or point {setting} at a running server."
     )
 
 
@@ -335,6 +337,7 @@ class ComfyClient:
         provider: str = "comfy",
         client_id: str | None = None,
         headers: Mapping[str, str] | None = None,
+        url_setting: str = "GPUBRIDGE_COMFY_URL",
         http: httpx.AsyncClient | None = None,
         timeout: float = 30.0,
         connect_timeout: float = 5.0,
@@ -375,6 +378,7 @@ class ComfyClient:
         self.watch_interval = watch_interval
         self.silence_timeout = silence_timeout
         self._headers = dict(headers or {})
+        self.url_setting = url_setting  # named in the message when ComfyUI does not answer
         self._own_http = http is None
         # At most ``max_connections`` requests are handed to httpx at once; the rest wait here, in FIFO
         # order. httpcore rescans its whole request queue (and every connection) each time a request is
@@ -385,12 +389,20 @@ class ComfyClient:
         # fast as 64 (bench/scale.py, BENCHMARKS.md). Raise ``max_connections`` for a remote ComfyUI whose
         # jobs download many large outputs at once.
         self._gate = RequestGate(max_connections, timeout) if http is None else None
+        split = urlsplit(self.url)
+        self._h1 = (H1Transport(connect_timeout=connect_timeout, max_idle=max_connections)
+                    if http is None and split.scheme == "http" else None)
+        self._h1_where = (split.hostname or "127.0.0.1", split.port or 80, split.netloc, split.path.rstrip("/"))
+        self._read_timeout = timeout
         self._http = http or httpx.AsyncClient(
             base_url=self.url,
             headers=self._headers,
             timeout=httpx.Timeout(timeout, connect=connect_timeout),
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
             trust_env=False,
+            # ComfyUI's hot path on asyncio streams (gpubridge.comfy._h1), not httpcore's pool: the request
+            # gate above bounds the connections, and httpx's API and exceptions stay as they are.
+            transport=self._h1,
         )
         split = urlsplit(self.url)
         scheme = "wss" if split.scheme == "https" else "ws"
@@ -468,7 +480,7 @@ class ComfyClient:
             ) from None
         except (OSError, TimeoutError, websockets.exceptions.InvalidHandshake) as exc:
             reason = "connection refused" if isinstance(exc, ConnectionRefusedError) else _short(exc)
-            raise ProviderUnavailable(unreachable_message(self.url, reason), provider=self.provider) from None
+            raise ProviderUnavailable(unreachable_message(self.url, reason, self.url_setting), provider=self.provider) from None
         # The first frame is always a status frame with our sid: the socket is registered once it arrives.
         try:
             first = await asyncio.wait_for(ws.recv(), self.connect_timeout)
@@ -561,15 +573,34 @@ class ComfyClient:
             what = f"dropped {method} {path} ({_short(exc)})"
         return ProviderUnavailable(f"ComfyUI at {self.url} {what}", provider=self.provider)
 
+    async def _fast(self, method: str, path: str, stream: bool, params: Any = None, content: bytes | None = None,
+                    json: Any = None, headers: Mapping[str, str] | None = None) -> httpx.Response:
+        """The hot path: straight to the HTTP/1.1 transport, without httpx's request building (URL parsing,
+        cookies, auth, redirects: none of which a request to ComfyUI uses)."""
+        assert self._h1 is not None
+        host, port, netloc, prefix = self._h1_where
+        target = prefix + path + ("?" + urlencode(params) if params else "")
+        body = content if content is not None else (_dumps(json) if json is not None else b"")
+        merged = {**self._headers, **(headers or {})}
+        if json is not None:
+            merged["content-type"] = "application/json"
+        resp = await self._h1.exchange(host, port, netloc, method, target, list(merged.items()), body,
+                                       self._read_timeout)
+        if not stream:
+            await resp.aread()
+        return resp
+
     async def _send(self, method: str, path: str, *, stream: bool = False, **kwargs: Any) -> httpx.Response:
         try:
-            if stream:
+            if self._h1 is not None and not (kwargs.keys() - {"params", "content", "json", "headers"}):
+                resp = await self._fast(method, path, stream, **kwargs)
+            elif stream:
                 resp = await self._http.send(self._http.build_request(method, path, **kwargs), stream=True)
             else:
                 resp = await self._http.request(method, path, **kwargs)
         except httpx.ConnectError as exc:
             reason = "connection refused" if "refused" in str(exc).lower() else _short(exc)
-            raise ProviderUnavailable(unreachable_message(self.url, reason), provider=self.provider) from None
+            raise ProviderUnavailable(unreachable_message(self.url, reason, self.url_setting), provider=self.provider) from None
         except httpx.TransportError as exc:
             raise self._transport_failure(method, path, exc) from None
         code = resp.status_code

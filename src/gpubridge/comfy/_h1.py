@@ -1,0 +1,210 @@
+"""A lean HTTP/1.1 keep-alive transport for ComfyUI's hot path, on asyncio streams.
+
+httpx + httpcore + h11 + anyio cost about 0.6 ms of CPU per request to a local ComfyUI (bench ``overhead``),
+more than the standard-library floor spends on a whole job. This transport does what a request to ComfyUI
+needs and nothing else: one connection per request in flight (the client's request gate bounds them), idle
+connections kept alive and dropped once the server closed them, ``Content-Length`` and chunked bodies, and
+httpx's own exception types (``ConnectError``, ``ReadTimeout``, ``RemoteProtocolError``...), so the client's
+error mapping is unchanged. It is an ``httpx.AsyncBaseTransport``: the client keeps httpx's request and
+response objects and its API; only the bytes on the wire skip httpx's pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+from collections.abc import AsyncIterator
+
+import httpx
+
+__all__ = ["H1Transport"]
+
+_MAX_HEAD = 64 * 1024
+
+
+class _Conn:
+    __slots__ = ("reader", "writer")
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.reader, self.writer = reader, writer
+
+    def usable(self) -> bool:
+        return not (self.reader.at_eof() or self.writer.is_closing() or self.reader._buffer)  # noqa: SLF001
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.writer.close()
+
+
+class _Body(httpx.AsyncByteStream):
+    """A response body read from the connection as it is iterated; the connection goes back to the pool
+    once the body was read to its end, and is closed otherwise."""
+
+    def __init__(self, transport: H1Transport, conn: _Conn, length: int | None, chunked: bool, keep: bool,
+                 timeout: float | None):
+        self._t, self._conn = transport, conn
+        self._length, self._chunked, self._keep = length, chunked, keep
+        self._timeout = timeout
+        self._done = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        reader = self._conn.reader
+        try:
+            if self._chunked:
+                while True:
+                    line = await self._t._read(reader.readline(), self._timeout)
+                    size = int(line.split(b";", 1)[0].strip() or b"0", 16)
+                    if size == 0:
+                        while (await self._t._read(reader.readline(), self._timeout)) not in (b"\r\n", b"\n", b""):
+                            pass
+                        break
+                    yield await self._t._read(reader.readexactly(size), self._timeout)
+                    await self._t._read(reader.readexactly(2), self._timeout)
+            elif self._length is not None:
+                left = self._length
+                while left > 0:
+                    chunk = await self._t._read(reader.read(min(left, 1 << 20)), self._timeout)
+                    if not chunk:
+                        raise httpx.RemoteProtocolError("the server closed the connection mid-body")
+                    left -= len(chunk)
+                    yield chunk
+            else:  # delimited by the connection's end
+                self._keep = False
+                while chunk := await self._t._read(reader.read(1 << 20), self._timeout):
+                    yield chunk
+            self._done = True
+        except asyncio.IncompleteReadError:
+            raise httpx.RemoteProtocolError("the server closed the connection mid-body") from None
+
+    async def aclose(self) -> None:
+        if self._conn is None:
+            return
+        conn, self._conn = self._conn, None  # type: ignore[assignment]
+        if self._done and self._keep:
+            self._t._release(conn)
+        else:
+            conn.close()
+
+
+class H1Transport(httpx.AsyncBaseTransport):
+    """HTTP/1.1 to one host and port (``http://`` only; anything else belongs to httpx's own transport)."""
+
+    def __init__(self, *, connect_timeout: float | None = 5.0, max_idle: int = 16):
+        self.connect_timeout = connect_timeout
+        self.max_idle = max_idle
+        self._idle: collections.deque[_Conn] = collections.deque()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @staticmethod
+    async def _read(awaitable: object, timeout: float | None) -> bytes:
+        try:
+            async with asyncio.timeout(timeout):
+                return await awaitable  # type: ignore[misc]
+        except TimeoutError:
+            raise httpx.ReadTimeout("timed out reading the response") from None
+        except (ConnectionError, OSError) as exc:
+            raise httpx.ReadError(str(exc) or type(exc).__name__) from None
+
+    async def _connect(self, host: str, port: int) -> _Conn:
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                reader, writer = await asyncio.open_connection(host, port, limit=_MAX_HEAD)
+        except TimeoutError:
+            raise httpx.ConnectTimeout(f"timed out connecting to {host}:{port}") from None
+        except OSError as exc:
+            raise httpx.ConnectError(str(exc) or type(exc).__name__) from None
+        return _Conn(reader, writer)
+
+    def _release(self, conn: _Conn) -> None:
+        if len(self._idle) < self.max_idle and conn.usable():
+            self._idle.append(conn)
+        else:
+            conn.close()
+
+    async def _acquire(self, host: str, port: int) -> tuple[_Conn, bool]:
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:  # connections belong to the loop that opened them
+            self._drop_idle()
+            self._loop = loop
+        while self._idle:
+            conn = self._idle.pop()
+            if conn.usable():
+                return conn, True
+            conn.close()
+        return await self._connect(host, port), False
+
+    def _drop_idle(self) -> None:
+        while self._idle:
+            self._idle.pop().close()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        url = request.url
+        timeouts = request.extensions.get("timeout") or {}
+        body = await request.aread()
+        headers = [(k, v) for k, v in request.headers.multi_items() if k.lower() != "host"]
+        resp = await self.exchange(url.host, url.port or 80, url.netloc.decode("ascii"), request.method,
+                                   url.raw_path.decode("ascii"), headers, body, timeouts.get("read"))
+        resp.request = request
+        return resp
+
+    async def exchange(self, host: str, port: int, netloc: str, method: str, target: str,
+                       headers: list[tuple[str, str]], body: bytes, read_timeout: float | None) -> httpx.Response:
+        """One request on a pooled connection; the response's body streams (``aread``/``aiter_bytes``)."""
+        head = [f"{method} {target} HTTP/1.1", f"Host: {netloc}"]
+        for key, value in headers:
+            if key.lower() not in ("host", "content-length", "transfer-encoding", "connection"):
+                head.append(f"{key}: {value}")
+        if body or method in ("POST", "PUT", "PATCH"):
+            head.append(f"Content-Length: {len(body)}")
+        wire = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
+        for attempt in (1, 2):
+            conn, reused = await self._acquire(host, port)
+            try:
+                conn.writer.write(wire)
+                status_line = await self._read(conn.reader.readline(), read_timeout)
+                if not status_line:
+                    raise httpx.RemoteProtocolError("the server closed the connection without a response")
+                break
+            except (httpx.RemoteProtocolError, httpx.ReadError):
+                conn.close()
+                # An idle connection the server had just closed: nothing was processed, ask on a fresh one.
+                if reused and attempt == 1 and method == "GET":
+                    continue
+                raise
+            except BaseException:
+                conn.close()
+                raise
+        try:
+            parts = status_line.decode("latin-1").split(" ", 2)
+            status = int(parts[1])
+            out: list[tuple[bytes, bytes]] = []
+            length: int | None = None
+            chunked = False
+            keep = True
+            while True:
+                line = await self._read(conn.reader.readline(), read_timeout)
+                if line in (b"\r\n", b"\n", b""):
+                    break
+                name, _, value = line.partition(b":")
+                name, value = name.strip(), value.strip()
+                out.append((name, value))
+                lname = name.lower()
+                if lname == b"content-length":
+                    length = int(value)
+                elif lname == b"transfer-encoding" and b"chunked" in value.lower():
+                    chunked = True
+                elif lname == b"connection" and value.lower() == b"close":
+                    keep = False
+        except (ValueError, IndexError):
+            conn.close()
+            raise httpx.RemoteProtocolError(f"malformed response head: {status_line[:80]!r}") from None
+        except BaseException:
+            conn.close()
+            raise
+        if method == "HEAD" or status in (204, 304) or 100 <= status < 200:
+            length, chunked = 0, False
+        return httpx.Response(status, headers=out, stream=_Body(self, conn, length, chunked, keep, read_timeout))
+
+    async def aclose(self) -> None:
+        self._drop_idle()
