@@ -162,30 +162,36 @@ class H1Transport(httpx.AsyncBaseTransport):
             conn, reused = await self._acquire(host, port)
             try:
                 conn.writer.write(wire)
-                status_line = await self._read(conn.reader.readline(), read_timeout)
-                if not status_line:
-                    raise httpx.RemoteProtocolError("the server closed the connection without a response")
+                # One timer for the whole head (a timer per line costs more than the parsing).
+                async with asyncio.timeout(read_timeout):
+                    status_line = await conn.reader.readline()
+                    if not status_line:
+                        raise httpx.RemoteProtocolError("the server closed the connection without a response")
+                    head: list[bytes] = []
+                    while (line := await conn.reader.readline()) not in (b"\r\n", b"\n", b""):
+                        head.append(line)
                 break
-            except (httpx.RemoteProtocolError, httpx.ReadError):
+            except TimeoutError:
+                conn.close()
+                raise httpx.ReadTimeout("timed out reading the response") from None
+            except (httpx.RemoteProtocolError, ConnectionError, OSError) as exc:
                 conn.close()
                 # An idle connection the server had just closed: nothing was processed, ask on a fresh one.
                 if reused and attempt == 1 and method == "GET":
                     continue
-                raise
+                if isinstance(exc, httpx.RemoteProtocolError):
+                    raise
+                raise httpx.ReadError(str(exc) or type(exc).__name__) from None
             except BaseException:
                 conn.close()
                 raise
         try:
-            parts = status_line.decode("latin-1").split(" ", 2)
-            status = int(parts[1])
+            status = int(status_line.split(b" ", 2)[1])
             out: list[tuple[bytes, bytes]] = []
             length: int | None = None
             chunked = False
             keep = True
-            while True:
-                line = await self._read(conn.reader.readline(), read_timeout)
-                if line in (b"\r\n", b"\n", b""):
-                    break
+            for line in head:
                 name, _, value = line.partition(b":")
                 name, value = name.strip(), value.strip()
                 out.append((name, value))
@@ -199,9 +205,6 @@ class H1Transport(httpx.AsyncBaseTransport):
         except (ValueError, IndexError):
             conn.close()
             raise httpx.RemoteProtocolError(f"malformed response head: {status_line[:80]!r}") from None
-        except BaseException:
-            conn.close()
-            raise
         if method == "HEAD" or status in (204, 304) or 100 <= status < 200:
             length, chunked = 0, False
         return httpx.Response(status, headers=out, stream=_Body(self, conn, length, chunked, keep, read_timeout))

@@ -1300,9 +1300,12 @@ class ComfyClient:
         """Download every output within the job's deadline (plus ``deadline_grace``): a trickling /view
         cannot keep a run alive past its timeout."""
         limit = job.deadline + self.deadline_grace if job.deadline is not None else None
-        tasks = [asyncio.ensure_future(self._download(r)) for r in refs]
+        # One output (the usual case) is downloaded in this task: a task of its own costs more than the request.
+        tasks = [asyncio.ensure_future(self._download(r)) for r in refs] if len(refs) > 1 else []
         try:
             async with asyncio.timeout_at(limit):
+                if not tasks:
+                    return [await self._download(r) for r in refs]
                 return list(await asyncio.gather(*tasks))
         except TimeoutError:
             err = JobTimeout(
