@@ -286,3 +286,24 @@ async def test_uncollected_finished_jobs_are_bounded(comfy):
         assert (await client.remote_status(jobs[0])).state is JobState.SUCCEEDED  # still in ComfyUI's history
     finally:
         await client.aclose()
+
+
+async def test_a_result_fetched_by_another_process_has_honest_timings(comfy):
+    """`gpubridge result JOB` for a job another process submitted: when it was submitted is unknown there,
+    so queued and total times are None, never negative (issue 25, item 1); it ran for what ComfyUI says."""
+    import time
+
+    submitter, reader = LocalRunner(comfy.url), LocalRunner(comfy.url)
+    comfy.faults.node_delay = 0.05
+    try:
+        handle = await submitter.submit(JobRequest(workflow=INVERT))
+        result = await reader.wait(handle.job_id)
+    finally:
+        await submitter.aclose()
+        await reader.aclose()
+    t = result.timings
+    assert result.images and t.submitted_at is None and t.queued_s is None and t.total_s is None
+    messages = dict((kind, data) for kind, data in comfy.history[handle.job_id]["status"]["messages"])
+    assert t.started_at == messages["execution_start"]["timestamp"] / 1000  # ComfyUI's own timestamps,
+    assert t.finished_at == messages["execution_success"]["timestamp"] / 1000  # not when we asked
+    assert t.executing_s == round(t.finished_at - t.started_at, 6) and t.finished_at <= time.time()

@@ -1414,7 +1414,11 @@ class ComfyClient:
                 f"Job {prompt_id} is {status.state.value}, not finished", job_id=prompt_id, provider=self.provider
             )
         job = ComfyJob(self, prompt_id, _prompt_of(entry), None)
+        job.submitted_at = None  # submitted elsewhere: when is not known here (never "now")
         self._complete_from_history(job, entry)
+        end_ms = protocol.history_outcome(entry).end_ms
+        if end_ms:
+            job.finished_at = end_ms / 1000  # ComfyUI's own word, not the moment we asked
         return await self.collect(job, download=download)
 
     # -------------------------------------------------------------------------------------------- health
@@ -1586,9 +1590,9 @@ def _timings(job: ComfyJob, download_s: float | None) -> Timings:
         submitted_at=submitted,
         started_at=started,
         finished_at=finished,
-        queued_s=round(started - submitted, 6) if started else None,
+        queued_s=round(started - submitted, 6) if started and submitted else None,
         executing_s=round(finished - started, 6) if started and finished else None,
-        total_s=round((finished or time.time()) - submitted, 6),
+        total_s=round((finished or time.time()) - submitted, 6) if submitted else None,
         upload_s=job.upload_s,
         download_s=download_s,
     )
