@@ -88,12 +88,14 @@ async def test_concurrent_short_calls_never_exceed_the_gate(provider):
     from gpubridge.providers.runpod import RunPodRunner
 
     inside, peak = 0, 0
-    release = asyncio.Event()
+    release, full = asyncio.Event(), asyncio.Event()
 
     async def slow(request: httpx.Request) -> httpx.Response:
         nonlocal inside, peak
         inside += 1
         peak = max(peak, inside)
+        if inside >= 3:
+            full.set()
         await release.wait()
         inside -= 1
         body = {"job_id": "j1", "provider": "modal", "state": "running", "id": "j1", "status": "running"}
@@ -113,8 +115,9 @@ async def test_concurrent_short_calls_never_exceed_the_gate(provider):
         gate = runner._transport.gate if provider == "runpod" else runner._gate
         gate.limit = 3
         tasks = [asyncio.create_task(call()) for _ in range(12)]
-        for _ in range(10):
-            await asyncio.sleep(0)
+        await asyncio.wait_for(full.wait(), 5)  # three reached the server...
+        for _ in range(50):
+            await asyncio.sleep(0)  # ...and the other nine had every chance to follow them
         assert peak == 3
         release.set()
         await asyncio.gather(*tasks, return_exceptions=True)
