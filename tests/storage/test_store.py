@@ -34,7 +34,8 @@ async def test_large_outputs_leave_as_presigned_urls_and_small_ones_stay_inline(
     got = httpx.get(up.url)
     assert got.status_code == 200 and got.content == big.data
     assert got.headers["content-type"] == "video/webm"
-    assert await store.offload(JobResult(job_id="j", provider="p", artifacts=[small])) is not None
+    only_small = JobResult(job_id="j", provider="p", artifacts=[small])
+    assert await store.offload(only_small) is only_small  # nothing over the threshold: nothing uploaded
 
 
 async def test_threshold_all_and_none(store_settings):

@@ -28,6 +28,7 @@ from typing import Any
 import httpx
 from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 
 from ...config import ProviderSettings, Settings
 from ...errors import (
@@ -161,31 +162,40 @@ class ComfyApiRunner(WorkflowRunner):
 
     async def _call(self, method: str, path: str, *, what: str | None = None, retry: bool = True,
                     **kw: Any) -> httpx.Response:
-        """One request; 429 and transient failures (5xx, connection errors) are retried with backoff that
-        honours Retry-After when ``retry``. Other errors are raised typed."""
+        """One request; 429 and transient failures (5xx, connection errors; not ``deployment_stopped``) are
+        retried when ``retry``, with backoff that honours Retry-After (tenacity, as the RunPod transport).
+        Other errors are raised typed."""
         what = what or f"{method} {path.split('?')[0]}"
-        for attempt in range(1, self.max_attempts + 1):
-            try:
-                async with self._gate.slot(provider=self.name, what=f"Comfy API {what}"):
-                    resp = await self._http.request(method, path, **kw)
-            except httpx.TransportError as exc:
-                err: GpuBridgeError = ProviderUnavailable(f"Comfy API {what}: {type(exc).__name__}: {exc}",
-                                                          provider=self.name)
-                err.sent = not isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout))  # type: ignore[attr-defined]
-            else:
-                if resp.status_code < 400:
-                    return resp
-                err = error_of(resp, provider=self.name, what=what)
-                err.sent = True  # type: ignore[attr-defined]
-            transient = isinstance(err, RateLimited) or (
-                isinstance(err, ProviderUnavailable) and not getattr(err, "terminal", False))
-            if not (retry and transient) or attempt == self.max_attempts:
-                raise err
-            delay = min(self.retry_max_wait, 0.1 * 2 ** (attempt - 1) * (0.5 + random.random()))
-            delay = max(delay, getattr(err, "retry_after", None) or 0.0)
-            log.info("Comfy API %s: %s; retrying in %.2fs", what, err, delay)
-            await asyncio.sleep(delay)
+
+        def transient(exc: BaseException) -> bool:
+            return retry and (isinstance(exc, RateLimited) or (
+                isinstance(exc, ProviderUnavailable) and not getattr(exc, "terminal", False)))
+
+        def wait(state: RetryCallState) -> float:
+            exc = state.outcome.exception() if state.outcome else None
+            base = min(self.retry_max_wait, 0.1 * 2 ** (state.attempt_number - 1) * (0.5 + random.random()))
+            return max(base, getattr(exc, "retry_after", None) or 0.0)
+
+        async for attempt in AsyncRetrying(retry=retry_if_exception(transient), wait=wait, reraise=True,
+                                           stop=stop_after_attempt(self.max_attempts)):
+            with attempt:
+                return await self._once(method, path, what, **kw)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _once(self, method: str, path: str, what: str, **kw: Any) -> httpx.Response:
+        try:
+            async with self._gate.slot(provider=self.name, what=f"Comfy API {what}"):
+                resp = await self._http.request(method, path, **kw)
+        except httpx.TransportError as exc:
+            err: GpuBridgeError = ProviderUnavailable(f"Comfy API {what}: {type(exc).__name__}: {exc}",
+                                                      provider=self.name)
+            err.sent = not isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout))  # type: ignore[attr-defined]
+            raise err from None
+        if resp.status_code >= 400:
+            err = error_of(resp, provider=self.name, what=what)
+            err.sent = True  # type: ignore[attr-defined]
+            raise err
+        return resp
 
     async def _json(self, method: str, path: str, **kw: Any) -> Any:
         resp = await self._call(method, path, **kw)
@@ -280,30 +290,35 @@ class ComfyApiRunner(WorkflowRunner):
     # ----------------------------------------------------------------------------------------- follow
 
     async def _follow(self, job: _Job) -> None:
-        """Follow one job to its end: the events stream while it holds, the job resource always decides."""
+        """Follow one job to its end: the events stream once, while it holds, then polling; the job resource
+        decides every time."""
+        streamed = not self.use_events
+        delay = self.poll_initial
         try:
             while True:
                 left = (job.deadline or float("inf")) - time.time()
                 if left <= 0:
                     await self._on_deadline(job)
                     return
-                if self.use_events and not job.cancel_requested:
+                if not streamed and not job.cancel_requested:
                     # The stream ends when it announces the end, drops, or cancel() stops it (a job dequeued
                     # by a cancel never announces one); either way the job resource decides.
+                    streamed = True
                     job.stream_task = asyncio.ensure_future(self._stream(job))
                     await asyncio.wait({job.stream_task}, timeout=left)
                     if not job.stream_task.done():
                         job.stream_task.cancel()
                     with contextlib.suppress(asyncio.CancelledError, Exception):
                         await job.stream_task
+                else:
+                    await asyncio.sleep(min(delay, left))
+                    delay = min(self.poll_max, delay * 1.5)
                 try:
                     body = await asyncio.wait_for(self._json("GET", f"/jobs/{job.job_id}"), max(left, 0.001))
                 except TimeoutError:
                     continue
                 if self._observe(job, body):
                     return
-                await self._poll(job)
-                return
         except asyncio.CancelledError:
             if job.result is None and job.error is None:
                 self._end(job, ProviderUnavailable(f"Stopped following Comfy API job {job.job_id}: the runner "
@@ -315,22 +330,6 @@ class ComfyApiRunner(WorkflowRunner):
         except Exception as exc:  # a follower that dies ends its job with an error, never silence
             log.exception("following Comfy API job %s failed", job.job_id)
             self._end(job, ProtocolError(f"Following Comfy API job {job.job_id} failed: {exc}", provider=self.name))
-
-    async def _poll(self, job: _Job) -> None:
-        delay = self.poll_initial
-        while True:
-            left = (job.deadline or float("inf")) - time.time()
-            if left <= 0:
-                await self._on_deadline(job)
-                return
-            await asyncio.sleep(min(delay, left))
-            try:
-                body = await asyncio.wait_for(self._json("GET", f"/jobs/{job.job_id}"), max(left, 0.001))
-            except TimeoutError:
-                continue
-            if self._observe(job, body):
-                return
-            delay = min(self.poll_max, delay * 1.5)
 
     async def _stream(self, job: _Job) -> None:
         """Read the job's SSE stream until it announces the end (or drops: the caller then polls)."""
