@@ -26,6 +26,7 @@ from rich.table import Table
 from .cli_models import models_app
 from .cli_serve import register as register_serve
 from .cli_shadow import shadow_app
+from .cli_templates import templates_app
 from .config import Settings
 from .errors import (
     AuthError,
@@ -52,6 +53,7 @@ testing_app = typer.Typer(help="Test doubles that serve real protocols on loopba
 app.add_typer(testing_app, name="testing")
 app.add_typer(shadow_app, name="shadow")
 app.add_typer(models_app, name="models")
+app.add_typer(templates_app, name="templates")
 register_serve(app)
 
 err = Console(stderr=True, highlight=False)
@@ -241,9 +243,19 @@ def run(
     url: UrlOpt = None,
 ) -> None:
     """Run a workflow and wait for its outputs, with live progress."""
+    run_job(lambda: _build_request(workflow, set_, input_, timeout), provider=provider, out_dir=out_dir,
+            as_json=as_json, quiet=quiet, config=config, url=url)
+
+
+def run_job(
+    build: Callable[[], JobRequest], *, provider: str | None, out_dir: Path | None, as_json: bool, quiet: bool,
+    config: Path | None, url: str | None,
+) -> None:
+    """Build the request, run it with live progress on stderr, print the result (and save it to ``out_dir``);
+    errors become exit codes."""
 
     async def main() -> JobResult:
-        request = _build_request(workflow, set_, input_, timeout)
+        request = build()
         runner, _ = _runner(provider, config, url)
         async with runner:
             show = not quiet and err.is_terminal

@@ -246,6 +246,8 @@ class Settings(_LayeredSettings):
     """GPU price table in USD per second, overriding the built-in one (e.g. ``L40S = 0.000542``)."""
     fetch: dict[str, Any] = Field(default_factory=dict)
     """The ``[fetch]`` table: how caller-supplied URLs are fetched (read by :class:`FetchSettings`)."""
+    templates: Path = Path("workflows")
+    """The folder of workflow templates (``GPUBRIDGE_TEMPLATES``; see :mod:`gpubridge.templates`)."""
 
     config_file: Path | None = Field(default=None, exclude=True)
 

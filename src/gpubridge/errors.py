@@ -11,7 +11,9 @@ the original has been cancelled::
     ├── WorkflowError                the workflow itself is wrong (fails before any GPU time)
     │   ├── WorkflowFormatError      not an API-format graph (UI export, not JSON, ...)
     │   ├── WorkflowInputError       --set/--input names an unknown node or input, bad image data
+    │   │   └── TemplateNotFound     no workflow template by that name
     │   ├── WorkflowInvalid          ComfyUI-style validation failed; carries node_errors
+    │   │   └── ParamInvalid         a template parameter is unknown, of the wrong type or out of bounds
     │   └── WorkflowUnsupported      no provider has what the workflow needs (node classes, models)
     ├── PayloadTooLarge              request over the backend's size limit
     ├── AuthError                    credentials missing or rejected (401/403)
@@ -48,6 +50,8 @@ __all__ = [
     "WorkflowFormatError",
     "WorkflowInputError",
     "WorkflowInvalid",
+    "ParamInvalid",
+    "TemplateNotFound",
     "WorkflowUnsupported",
     "CapabilityMissing",
     "NodeError",
@@ -216,6 +220,41 @@ class WorkflowInvalid(WorkflowError):
         d["error"] = self.error
         d["node_errors"] = self.node_errors
         return d
+
+
+class TemplateNotFound(WorkflowInputError):
+    """The request names a workflow template the registry does not hold. ``template`` is its name."""
+
+    def __init__(self, message: str, *, template: str | None = None, **kw: Any):
+        super().__init__(message, **kw)
+        self.template = template
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "template": self.template}
+
+
+class ParamInvalid(WorkflowInvalid):
+    """A templated request's parameters are wrong: an unknown name, a wrong type, a value out of bounds or
+    not among the choices. ``params`` maps each bad parameter's name to what is wrong with it; nothing was
+    sent to a backend."""
+
+    def __init__(self, template: str, params: Mapping[str, str], *, provider: str | None = None):
+        self.template = template
+        self.params = dict(params)
+        parts = "; ".join(f"{name!r}: {problem}" for name, problem in list(self.params.items())[:10])
+        super().__init__(
+            f"Template {template!r}: invalid parameter{'s' if len(self.params) > 1 else ''} {parts}",
+            error={
+                "type": "invalid_params",
+                "message": f"Invalid parameters for template {template!r}",
+                "details": parts,
+                "extra_info": {"template": template, "params": self.params},
+            },
+            provider=provider,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "template": self.template, "params": self.params}
 
 
 def _flatten_node_errors(node_errors: Mapping[str, Any]):

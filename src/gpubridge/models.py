@@ -350,6 +350,24 @@ class JobRequest(BaseModel):
     store_prefix: str | None = Field(default=None, max_length=200)
     """Where in the configured artifact store this job's uploaded outputs go: a relative path of plain names
     under the store's own bucket and prefix (never another bucket)."""
+    template: str | None = None
+    """The workflow template this job was made from (``JobRequest(template=..., params=...)`` renders it
+    from :func:`gpubridge.templates.default_registry`; a registry's ``request()`` from that registry)."""
+    template_version: str | None = None
+    """The template's version (a content hash of its workflow and manifest) when the job was rendered."""
+    params: dict[str, Any] = Field(default_factory=dict)
+    """The template parameters the job used (defaults and drawn seeds included)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_template(cls, data: Any) -> Any:
+        """``template`` + ``params`` without a workflow: render it (typed errors name the parameter)."""
+        if isinstance(data, Mapping) and data.get("template") is not None and data.get("workflow") is None:
+            from .templates.registry import default_registry, request_fields
+
+            fields = {k: v for k, v in data.items() if k not in ("template", "params")}
+            return request_fields(default_registry(), data["template"], data.get("params") or {}, fields)
+        return data
 
     @field_validator("store_prefix")
     @classmethod
