@@ -4,7 +4,7 @@
 
 The endpoint double (running the real worker handler) and the ComfyUI double each run in a process of their
 own. The workflow and the clients are those of ``bench.runpod_vs_sdk`` (its functions are reused):
-examples/workflows/model_free_invert.json, 3 nodes of ``--node-delay`` seconds each, one job at a time.
+workflows/model_free_invert.json, 3 nodes of ``--node-delay`` seconds each, one job at a time.
 Blocks alternate between ``gpubridge`` (default: ``POST /run`` + adaptive polling), ``sdk.run_sync``
 (``POST /runsync``) and ``gpubridge+sync`` (``sync_wait=90``: ``POST /runsync?wait=``); every block builds
 its client afresh and runs one uncounted warm-up job first. ``python -m bench.runpod_vs_sdk`` adds the

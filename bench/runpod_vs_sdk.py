@@ -4,7 +4,7 @@
 
 One process: the ComfyUI double and the RunPod endpoint double (running the real worker handler from
 contrib/runpod_worker) each serve from a background thread on 127.0.0.1. The same short workflow
-(examples/workflows/model_free_invert.json, 3 nodes, ``--node-delay`` seconds per node) runs ``--jobs``
+(workflows/model_free_invert.json, 3 nodes, ``--node-delay`` seconds per node) runs ``--jobs``
 times through:
 
 - ``gpubridge``: ``RunPodRunner.run`` with default settings (POST /run, then adaptive GET /status polling);
@@ -38,7 +38,7 @@ from typing import Any
 os.environ.setdefault("RUNPOD_LOG_LEVEL", "ERROR")  # the SDK prints every job's output at DEBUG
 
 ROOT = Path(__file__).resolve().parent.parent
-WORKFLOW = json.loads((ROOT / "examples" / "workflows" / "model_free_invert.json").read_text())
+WORKFLOW = json.loads((ROOT / "workflows" / "model_free_invert.json").read_text())
 API_KEY = "bench-key"
 
 

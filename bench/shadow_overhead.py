@@ -33,7 +33,7 @@ from gpubridge.shadow.runner import ShadowRunner
 from gpubridge.shadow.store import SQLiteSink, read_records
 
 ROOT = Path(__file__).resolve().parent.parent
-WORKFLOW = ROOT / "examples" / "workflows" / "flux_schnell_t2i.json"
+WORKFLOW = ROOT / "workflows" / "flux_schnell_t2i.json"
 
 
 def start_double(node_delay: float, step_delay: float) -> tuple[subprocess.Popen[str], str]:

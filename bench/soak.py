@@ -222,7 +222,7 @@ async def soak(jobs: int, concurrency: int, fault_rate: float, seed: int, runpod
                              retry_budget_ratio=0.5, breaker_open_for_s=1.0, reap_initial_s=0.2, reap_max_s=2.0),
             on_outcome=outcomes.append,
         )
-        workflow = Workflow.load(ROOT / "examples" / "workflows" / "model_free_invert.json")
+        workflow = Workflow.load(ROOT / "workflows" / "model_free_invert.json")
         latencies: list[float] = []
         errors: Counter[str] = Counter()
         served: Counter[str] = Counter()

@@ -128,6 +128,7 @@ class JobAPI:
         from gpubridge.config import WebhookSettings
         from gpubridge.server import create_app
         from modal_app.backends import ModalBackend
+        from modal_app.runtime import load_templates
         from modal_app.worker import ModalDictStore
 
         gpu = ComfyUI()
@@ -151,6 +152,7 @@ class JobAPI:
             max_timeout=config.max_timeout,
             public_docs=config.public_docs,
             webhooks=WebhookSettings.load(),
+            templates=load_templates(),
         )
 
 

@@ -23,6 +23,9 @@ __all__ = ["DEFAULT_PRICES", "ENV_PREFIX", "MODAL_APP_DIR", "AppConfig", "gpu_fr
 
 ENV_PREFIX = "GPUBRIDGE_APP_"
 MODAL_APP_DIR = Path(__file__).resolve().parent
+TEMPLATES_DIR = MODAL_APP_DIR.parent / "workflows"
+"""The repository's workflow templates, shipped into the image at :data:`REMOTE_TEMPLATES_DIR`."""
+REMOTE_TEMPLATES_DIR = "/root/workflows"
 
 # On-demand GPU prices in USD per second (https://modal.com/pricing, checked 2026-07). Override with
 # GPUBRIDGE_APP_PRICES='{"L40S": 0.000542}' or "L40S=0.000542,H100=0.001097".

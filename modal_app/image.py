@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from gpubridge.errors import ConfigError
 from gpubridge.lock import Lock, python_series, read_lock
 
-from .config import MODAL_APP_DIR, AppConfig
+from .config import MODAL_APP_DIR, REMOTE_TEMPLATES_DIR, TEMPLATES_DIR, AppConfig
 
 if TYPE_CHECKING:
     import modal
@@ -187,10 +187,14 @@ def build_image(config: AppConfig, spec: ImageSpec | None = None) -> modal.Image
             **config.to_env(),
         }
     )
-    # Local sources last: Modal mounts them at container start instead of building a layer.
-    return image.add_local_python_source("gpubridge").add_local_dir(
+    # Local sources last: Modal mounts them at container start instead of building a layer. The workflow
+    # templates ride along, so a deploy carries the templates its job API accepts.
+    image = image.add_local_python_source("gpubridge").add_local_dir(
         MODAL_APP_DIR, remote_path=REMOTE_APP_DIR, ignore=["**/__pycache__/**", "**/*.pyc"]
     )
+    if TEMPLATES_DIR.is_dir():
+        image = image.add_local_dir(TEMPLATES_DIR, remote_path=REMOTE_TEMPLATES_DIR)
+    return image
 
 
 # ------------------------------------------------------------------------------------------ offline audit

@@ -4,6 +4,7 @@
 - :func:`launch_comfy`: link, then start ComfyUI with :class:`~gpubridge.comfy.ComfyProcess`.
 - :func:`set_cuda_device`: after a CPU memory-snapshot restore, let ComfyUI find the GPU.
 - :func:`make_worker`: the per-container :class:`~modal_app.worker.ComfyWorker`.
+- :func:`load_templates`: the workflow templates the job API accepts.
 """
 
 from __future__ import annotations
@@ -17,14 +18,18 @@ import httpx
 
 from gpubridge.comfy import ComfyClient, ComfyProcess, ComfyStartError, JobFiles
 from gpubridge.manifest import LinkReport, Manifest, link
+from gpubridge.templates import TemplateRegistry
 
-from .config import MODAL_APP_DIR, AppConfig
+from .config import MODAL_APP_DIR, REMOTE_TEMPLATES_DIR, TEMPLATES_DIR, AppConfig
 from gpubridge.server.store import JobStore
 from gpubridge.storage import ArtifactStore
 
 from .worker import ComfyWorker
 
-__all__ = ["MANIFEST_FILE", "launch_comfy", "link_models", "load_manifest", "make_worker", "set_cuda_device"]
+__all__ = [
+    "MANIFEST_FILE", "launch_comfy", "link_models", "load_manifest", "load_templates", "make_worker",
+    "set_cuda_device",
+]
 
 log = logging.getLogger("gpubridge.modal_app")
 
@@ -33,6 +38,16 @@ MANIFEST_FILE = MODAL_APP_DIR / "models.toml"
 
 def load_manifest(path: str | Path = MANIFEST_FILE) -> Manifest:
     return Manifest.load(path)
+
+
+def load_templates(folder: str | Path | None = None) -> TemplateRegistry | None:
+    """The workflow templates the job API accepts: ``folder``, else $GPUBRIDGE_TEMPLATES, else the copy
+    shipped in the image (/root/workflows), else the repository's workflows/; None when there is none.
+    A bad template raises ConfigError, so a broken deploy fails at start, not per job."""
+    for candidate in (folder, os.environ.get("GPUBRIDGE_TEMPLATES"), REMOTE_TEMPLATES_DIR, TEMPLATES_DIR):
+        if candidate and Path(candidate).is_dir():
+            return TemplateRegistry.load(candidate)
+    return None
 
 
 def link_models(config: AppConfig, manifest: Manifest | None = None) -> LinkReport:

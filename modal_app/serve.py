@@ -78,6 +78,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--public-docs", action="store_true", help="serve /docs and /openapi.json without auth"
     )
+    parser.add_argument(
+        "--templates", default=None,
+        help="workflow template folder (default: $GPUBRIDGE_TEMPLATES, else the repository's workflows/)",
+    )
     args = parser.parse_args(argv)
     backend_options: dict[str, Any] = {
         "retention": args.retention,
@@ -85,7 +89,10 @@ def main(argv: list[str] | None = None) -> None:
         "result_dir": args.result_dir,
         "max_result_bytes": int(args.max_result_mb * 1024 * 1024),
     }
-    extra: dict[str, Any] = {"public_docs": args.public_docs, "webhooks": WebhookSettings.load()}
+    from .runtime import load_templates
+
+    extra: dict[str, Any] = {"public_docs": args.public_docs, "webhooks": WebhookSettings.load(),
+                             "templates": load_templates(args.templates)}
     if args.max_timeout is not None:
         extra["max_timeout"] = args.max_timeout
     app = build_app(

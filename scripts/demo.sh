@@ -4,10 +4,10 @@
 #
 # It uses the ComfyUI at $GPUBRIDGE_COMFY_URL when that is set; otherwise it starts gpubridge's ComfyUI
 # test double on a free loopback port for the duration of the run (no GPU, no models needed).
-#   WORKFLOW=examples/workflows/flux_schnell_t2i.json bash scripts/demo.sh   # another example
+#   WORKFLOW=workflows/flux_schnell_t2i.json bash scripts/demo.sh   # another example
 set -euo pipefail
 cd "$(dirname "$0")/.."
-workflow="${WORKFLOW:-examples/workflows/model_free_invert.json}"
+workflow="${WORKFLOW:-workflows/model_free_invert.json}"
 out="${OUT:-out}"
 
 if [ -z "${GPUBRIDGE_COMFY_URL:-}" ]; then

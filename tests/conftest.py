@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-EXAMPLES = ROOT / "examples" / "workflows"
+EXAMPLES = ROOT / "workflows"
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 

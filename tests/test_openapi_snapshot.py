@@ -8,12 +8,25 @@ import json
 from pathlib import Path
 
 from gpubridge.server.openapi import document
+from gpubridge.templates import TemplateRegistry
 
-SNAPSHOT = Path(__file__).resolve().parents[1] / "clients" / "typescript" / "openapi.json"
+ROOT = Path(__file__).resolve().parents[1]
+SNAPSHOT = ROOT / "clients" / "typescript" / "openapi.json"
 
 
 def test_the_committed_openapi_document_is_current():
-    assert json.loads(SNAPSHOT.read_text()) == json.loads(json.dumps(document()))
+    templates = TemplateRegistry.load(ROOT / "workflows")
+    assert json.loads(SNAPSHOT.read_text()) == json.loads(json.dumps(document(templates=templates)))
+
+
+def test_the_document_types_each_templates_params():
+    doc = document(templates=TemplateRegistry.load(ROOT / "workflows"))
+    schemas = doc["components"]["schemas"]
+    by_name = schemas["TemplateParamsByName"]["properties"]
+    assert set(by_name) == {"model_free_invert", "flux_schnell_t2i", "sdxl_img2img", "wan21_t2v"}
+    color = schemas["TemplateParams_model_free_invert"]["properties"]["color"]
+    assert (color["type"], color["minimum"], color["maximum"]) == ("integer", 0, 16777215)
+    assert schemas["TemplateParams_sdxl_img2img"]["required"] == ["image"]
 
 
 def test_every_operation_declares_the_error_envelope():

@@ -174,6 +174,7 @@ class Worker:
         cfg = self.config
         self.files = None if cfg.keep_job_files else JobFiles(cfg.output_dir, cfg.input_dir)
         self.artifacts = ArtifactStore(cfg.store) if cfg.store is not None else None
+        self.templates = _templates()
 
     # -- ComfyUI lifecycle
 
@@ -293,7 +294,7 @@ class Worker:
         if message:
             return {"error": message, "details": {"exception_type": "WorkflowInputError", "exception_message": message}}
         try:
-            spec = parse_input(raw)
+            spec = parse_input(raw, self.templates)
         except InputError as exc:
             details: dict[str, Any] = {"exception_type": exc.exception_type, "exception_message": exc.message}
             if exc.errors:
@@ -469,6 +470,18 @@ class Worker:
             entry.update(size=stored.size, sha256=stored.sha256, url_expires_at=stored.expires_at)
             return entry
         return file_entry(art, index)
+
+
+def _templates() -> Any:
+    """The workflow templates jobs may name (``{"template": ..., "params": ...}``): the folder in
+    GPUBRIDGE_TEMPLATES (the image ships the repository's workflows/), checked at start so a bad one fails
+    the deploy, not a job. None without the variable."""
+    folder = os.environ.get("GPUBRIDGE_TEMPLATES")
+    if not folder:
+        return None
+    from gpubridge.templates import TemplateRegistry
+
+    return TemplateRegistry.load(folder)
 
 
 def _store_prefix(job: Mapping[str, Any]) -> str | None:

@@ -56,8 +56,11 @@ def build_gateway(
     public_docs: bool = False,
     runpod_endpoints: list[str] | None = None,
     runner: Any = None,
+    templates: Any = None,
 ) -> Any:
-    """The gateway's ASGI app: ``create_app`` over a :class:`RunnerBackend` around ``connect()``."""
+    """The gateway's ASGI app: ``create_app`` over a :class:`RunnerBackend` around ``connect()``. Jobs may
+    name the templates in ``templates`` (a registry), else in the configured folder (``templates``,
+    ``$GPUBRIDGE_TEMPLATES``, ./workflows) when it exists."""
     from gpubridge.config import Settings, WebhookSettings
     from gpubridge.connect import connect
     from gpubridge.server import create_app
@@ -66,6 +69,14 @@ def build_gateway(
     from gpubridge.storage import ArtifactStore
 
     settings = Settings.load(config)
+    if templates is None:
+        from gpubridge.errors import ConfigError
+        from gpubridge.templates import TEMPLATES_ENV, TemplateRegistry
+
+        if settings.templates.is_dir():
+            templates = TemplateRegistry.load(settings.templates)
+        elif os.environ.get(TEMPLATES_ENV):
+            raise ConfigError(f"{TEMPLATES_ENV}={settings.templates} is not a folder")
     data = Path(data_dir or os.environ.get("GPUBRIDGE_DATA_DIR") or default_data_dir())
     database_url = os.environ.get("GPUBRIDGE_DATABASE_URL") or None
     store = open_store(data, database_url)
@@ -96,6 +107,7 @@ def build_gateway(
         webhooks=WebhookSettings.load(config),
         runpod_endpoints=runpod_endpoints or None,
         metrics=metrics,
+        templates=templates,
     )
 
 

@@ -502,7 +502,18 @@ class RemoteJobRequest(BaseModel):
         "timeout": 60,
     }]})
 
-    workflow: dict[str, WireNode] = Field(min_length=1, description="An API-format graph: node id -> node")
+    workflow: dict[str, WireNode] | None = Field(
+        default=None, min_length=1, description="An API-format graph: node id -> node (or give a template)"
+    )
+    template: str | None = Field(
+        default=None, min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="Run this server's workflow template (GET /v1/templates) instead of a workflow",
+    )
+    params: dict[str, Any] = Field(
+        default_factory=dict, max_length=200,
+        description="The template's parameters (its JSON Schema is in GET /v1/templates); images as base64, "
+        "a data URI or an http(s) URL",
+    )
     inputs: dict[WireFileName, WireInput] = Field(default_factory=dict)
     timeout: float | None = Field(
         default=None, ge=MIN_JOB_TIMEOUT, le=MAX_JOB_TIMEOUT, allow_inf_nan=False,
@@ -548,6 +559,14 @@ class RemoteJobRequest(BaseModel):
             )
         return v
 
+    @model_validator(mode="after")
+    def _workflow_or_template(self) -> RemoteJobRequest:
+        if (self.workflow is None) == (self.template is None):
+            raise ValueError("give exactly one of 'workflow' (an API-format graph) or 'template' (with 'params')")
+        if self.params and self.template is None:
+            raise ValueError("'params' go with a 'template'")
+        return self
+
     @classmethod
     def capped(cls, max_timeout: float) -> type[RemoteJobRequest]:
         """This model with ``timeout``/``queue_timeout`` capped at ``max_timeout`` seconds."""
@@ -560,11 +579,11 @@ class RemoteJobRequest(BaseModel):
             cls.__name__, __base__=cls, timeout=(limit, None), queue_timeout=(limit, None)
         )
 
-    def to_request(self) -> JobRequest:
-        """The :class:`JobRequest` this describes (inputs decoded; raises WorkflowError when they are bad)."""
-        nodes = {node_id: node.model_dump() for node_id, node in self.workflow.items()}
-        return JobRequest(
-            workflow=Workflow.model_validate(nodes),
+    def to_request(self, templates: Any = None) -> JobRequest:
+        """The :class:`JobRequest` this describes (inputs decoded; raises WorkflowError when they are bad).
+        A templated request is rendered with ``templates`` (a :class:`~gpubridge.templates.TemplateRegistry`);
+        a bad parameter raises :class:`~gpubridge.errors.ParamInvalid` naming it."""
+        fields: dict[str, Any] = dict(
             inputs={name: f.to_input() for name, f in self.inputs.items()},
             timeout=self.timeout,
             queue_timeout=self.queue_timeout,
@@ -573,6 +592,13 @@ class RemoteJobRequest(BaseModel):
             request_id=self.request_id,
             store_prefix=self.store_prefix,
         )
+        if self.template is not None:
+            from .templates.registry import TemplateRegistry, request_fields
+
+            registry = templates if templates is not None else TemplateRegistry()
+            return JobRequest(**request_fields(registry, self.template, self.params, fields, remote=True))
+        nodes = {node_id: node.model_dump() for node_id, node in (self.workflow or {}).items()}
+        return JobRequest(workflow=Workflow.model_validate(nodes), **fields)
 
 
 # ---------------------------------------------------------------------------------------- handle/status

@@ -13,7 +13,7 @@ from gpubridge.server.sqlite_store import SQLiteStore
 from gpubridge.testing import ComfyDouble
 
 ROOT = Path(__file__).resolve().parents[2]
-WORKFLOWS = ROOT / "examples" / "workflows"
+WORKFLOWS = ROOT / "workflows"
 
 
 class FakeClock:

@@ -18,7 +18,7 @@ from modal_app.config import DEFAULT_PRICES
 from gpubridge.testing import ComfyDouble
 
 ROOT = Path(__file__).resolve().parents[2]
-WORKFLOWS = ROOT / "examples" / "workflows"
+WORKFLOWS = ROOT / "workflows"
 INPUTS = ROOT / "examples" / "inputs"
 TOKEN = "test-token-7f3a9c"
 

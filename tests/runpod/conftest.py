@@ -17,7 +17,7 @@ from gpubridge.testing.runpod import RunPodEndpointDouble
 
 ROOT = Path(__file__).resolve().parents[2]
 HANDLER_PATH = ROOT / "contrib" / "runpod_worker" / "handler.py"
-WORKFLOWS = ROOT / "examples" / "workflows"
+WORKFLOWS = ROOT / "workflows"
 API_KEY = "rp_test_key_5b1d7e0c9a"  # a fake key; tests check it never leaks
 
 

@@ -21,7 +21,7 @@ export function python() {
 }
 
 export function workflow(name = "model_free_invert") {
-  return JSON.parse(readFileSync(join(REPO, "examples", "workflows", `${name}.json`), "utf8"));
+  return JSON.parse(readFileSync(join(REPO, "workflows", `${name}.json`), "utf8"));
 }
 
 export async function freePort() {

@@ -17,6 +17,8 @@ Endpoints (all under ``/v1`` need ``Authorization: Bearer <token>`` unless auth 
 - ``POST /v1/run?timeout=S``: submit and wait (capped at ``sync_timeout``); 200 when the job ended, 202
   with the job still running otherwise.
 - ``GET /v1/health?deep=1``: 200 when healthy or degraded, 503 otherwise.
+- ``GET /v1/templates``, ``GET /v1/templates/{name}``: the workflow templates this server runs, each with
+  its version and the JSON Schema of its ``params``; submit ``{"template": name, "params": {...}}``.
 
 OpenAPI at ``/openapi.json`` and ``/docs`` (behind the same auth unless ``public_docs``). Every error,
 FastAPI's and Starlette's own included, answers ``{"error": {"type", "message", "retryable", ...}}``.
@@ -53,7 +55,17 @@ from gpubridge.config import WebhookSettings
 
 from .backend import JobBackend
 from .webhooks import WebhookDispatcher
-from .schema import Capabilities, ErrorBody, JobEnvelope, error_dict, error_headers, fingerprint, http_status
+from .schema import (
+    Capabilities,
+    ErrorBody,
+    JobEnvelope,
+    TemplateInfo,
+    TemplateList,
+    error_dict,
+    error_headers,
+    fingerprint,
+    http_status,
+)
 
 __all__ = ["create_app"]
 
@@ -187,6 +199,7 @@ def create_app(
     runpod_endpoints: Sequence[str] | None = None,
     runpod_sync_wait: float = 90.0,
     metrics: Any = None,
+    templates: Any = None,
 ) -> FastAPI:
     """The job API over ``backend``.
 
@@ -201,6 +214,8 @@ def create_app(
     ``/v2/{id}/`` for these endpoint ids (:mod:`gpubridge.server.runpod_facade`); ``runpod_sync_wait``:
     how long its ``runsync`` waits before answering with the job still running. ``metrics``: a
     :class:`~gpubridge.server.metrics.GatewayMetrics`, served at ``GET /metrics`` (same auth).
+    ``templates``: a :class:`~gpubridge.templates.TemplateRegistry` whose templates jobs may name (listed at
+    ``GET /v1/templates``; their parameter schemas are in the OpenAPI document).
     """
     if isinstance(tokens, str):
         tokens = [t.strip() for t in tokens.split(",")]
@@ -348,7 +363,7 @@ def create_app(
 
     def _job_request(body: RemoteJobRequest) -> JobRequest:
         try:
-            return body.to_request()
+            return body.to_request(templates)
         except ValidationError as exc:  # the wire model let through what JobRequest refuses: still a 422
             raise InvalidRequest(f"Invalid job request: {exc}", provider=backend.provider) from None
 
@@ -485,6 +500,39 @@ def create_app(
         report = await backend.health(deep=deep)
         return _json(report, 200 if report.ok else 503)
 
+    @app.get(
+        "/v1/templates",
+        response_model=TemplateList,
+        responses=_HEALTH_ERRORS,
+        dependencies=v1,
+        summary="The workflow templates jobs may name, with each one's parameter JSON Schema",
+        operation_id="list_templates",
+    )
+    async def list_templates() -> Response:
+        items = [TemplateInfo.model_validate(t.describe()) for t in (templates or {}).values()]
+        return _json(TemplateList(templates=items))
+
+    @app.get(
+        "/v1/templates/{name}",
+        response_model=TemplateInfo,
+        responses={**_E401, 404: _err("Unknown template (TemplateNotFound)"), **_E422, **_E500},
+        dependencies=v1,
+        summary="One workflow template",
+        operation_id="get_template",
+    )
+    async def get_template(name: str) -> Response:
+        from gpubridge.errors import TemplateNotFound
+
+        try:
+            tpl = (templates if templates is not None else {})[name]
+        except (KeyError, TemplateNotFound):
+            return _error_response(TemplateNotFound(f"No template {name!r} on this server", template=name,
+                                                    provider=backend.provider), 404)
+        return _json(TemplateInfo.model_validate(tpl.describe()))
+
+    if templates:
+        _add_template_schemas(app, templates)
+
     if metrics is not None:
         from .metrics import CONTENT_TYPE_LATEST
 
@@ -513,7 +561,7 @@ def create_app(
         load = add_runpod_facade(
             app, backend, endpoints=list(runpod_endpoints), check_token=check_token,
             accept_webhook=accept_runpod_webhook, register_webhook=register_runpod_webhook,
-            max_timeout=max_timeout, sync_wait=min(runpod_sync_wait, sync_timeout),
+            max_timeout=max_timeout, sync_wait=min(runpod_sync_wait, sync_timeout), templates=templates,
         )
         if dispatcher is not None:
             dispatcher.loaders["runpod"] = load
@@ -521,3 +569,34 @@ def create_app(
     app.add_middleware(_BodyLimit, limit=max_body_bytes, provider=backend.provider)
     return app
 
+
+
+def _add_template_schemas(app: FastAPI, templates: Any) -> None:
+    """Put each template's ``params`` schema into the OpenAPI document (``components.schemas``:
+    ``TemplateParams_<name>``, and ``TemplateParamsByName`` mapping names to them), so generated clients get
+    typed parameters for the templates known when they are generated."""
+    import re
+
+    base = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        doc = base()
+        schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+        by_name: dict[str, Any] = {}
+        for name, tpl in templates.items():
+            key = "TemplateParams_" + re.sub(r"[^A-Za-z0-9_]", "_", name)
+            schemas[key] = {**tpl.json_schema(), "title": key, "x-template-version": tpl.version}
+            by_name[name] = {"$ref": f"#/components/schemas/{key}"}
+        schemas["TemplateParamsByName"] = {
+            "title": "TemplateParamsByName",
+            "description": "Each template's params, by template name",
+            "type": "object",
+            "properties": by_name,
+            "required": sorted(by_name),
+        }
+        app.openapi_schema = doc
+        return doc
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -1,7 +1,8 @@
 """The OpenAPI document of the job API as ``gpubridge serve`` serves it, without serving it.
 
 ``python -m gpubridge.server.openapi > clients/typescript/openapi.json`` writes the file the TypeScript
-client's types are generated from; a test fails when the committed copy is stale.
+client's types are generated from (with the parameter schemas of the templates in ``./workflows``, or
+``--templates DIR``); a test fails when the committed copy is stale.
 """
 
 from __future__ import annotations
@@ -44,7 +45,14 @@ def document(**options: Any) -> dict[str, Any]:
 
 
 def main() -> None:
-    json.dump(document(), sys.stdout, indent=2, sort_keys=True)
+    from pathlib import Path
+
+    from gpubridge.templates import TemplateRegistry
+
+    args = sys.argv[1:]
+    folder = Path(args[args.index("--templates") + 1] if "--templates" in args else "workflows")
+    templates = TemplateRegistry.load(folder) if folder.is_dir() else None
+    json.dump(document(templates=templates), sys.stdout, indent=2, sort_keys=True)
     sys.stdout.write("\n")
 
 

@@ -112,6 +112,7 @@ def add_runpod_facade(
     max_timeout: float,
     sync_wait: float = 90.0,
     status_wait: float = 0.0,
+    templates: Any = None,
 ) -> Callable[[str], Awaitable[tuple[bytes, bool]]]:
     """Add ``/v2/{endpoint_id}/...`` for each of ``endpoints`` to ``app``; returns the webhook payload loader
     (RunPod's status body) for the dispatcher's ``"runpod"`` format."""
@@ -138,10 +139,10 @@ def add_runpod_facade(
 
     def job_request(body: RunPodRequest, endpoint_id: str) -> JobRequest:
         try:
-            spec = parse_input(body.input)
+            spec = parse_input(body.input, templates)
         except InputError as exc:
             cls = WorkflowFormatError if exc.exception_type == "WorkflowFormatError" else WorkflowInputError
-            detail = f": {'; '.join(exc.errors)}" if exc.errors else ""
+            detail = f": {'; '.join(exc.errors)}" if exc.errors and exc.exception_type != "ParamInvalid" else ""
             raise cls(f"{exc.message}{detail}", provider=backend.provider) from None
         limits = [s for s in (
             body.policy.executionTimeout / 1000 if body.policy and body.policy.executionTimeout else None,
@@ -154,7 +155,8 @@ def add_runpod_facade(
                                  provider=backend.provider)
         try:
             return JobRequest(workflow=spec.workflow, inputs=spec.images, timeout=timeout,
-                              tags={ENDPOINT_TAG: endpoint_id})
+                              tags={ENDPOINT_TAG: endpoint_id}, template=spec.template,
+                              template_version=spec.template_version, params=spec.params or {})
         except ValueError as exc:
             raise InvalidRequest(f"Invalid job: {exc}", provider=backend.provider) from None
 

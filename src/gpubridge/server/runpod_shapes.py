@@ -72,14 +72,19 @@ class JobInput:
     images: dict[str, InputFile]
     comfy_org_api_key: str | None = None
     timeout: float | None = None
+    template: str | None = None
+    template_version: str | None = None
+    params: dict[str, Any] | None = None
 
 
 class _BadUrl(ValueError):
     pass
 
 
-def parse_input(raw: Any) -> JobInput:
-    """Validate worker-comfyui's input shape (same messages), decoding the images."""
+def parse_input(raw: Any, templates: Any = None) -> JobInput:
+    """Validate worker-comfyui's input shape (same messages), decoding the images. ``{"template": NAME,
+    "params": {...}}`` in place of ``workflow`` renders a template of ``templates`` (a
+    :class:`~gpubridge.templates.TemplateRegistry`); a bad parameter is an :class:`InputError` naming it."""
     if raw is None or raw == "":
         raise InputError("Please provide input")
     if isinstance(raw, str):
@@ -90,6 +95,10 @@ def parse_input(raw: Any) -> JobInput:
     if not isinstance(raw, Mapping):
         raise InputError("Invalid JSON format in input")
     workflow = raw.get("workflow")
+    rendered = None
+    if workflow is None and raw.get("template") is not None:
+        rendered = _render(raw, templates)
+        workflow = rendered.workflow.to_api()
     if workflow is None:
         raise InputError("Missing 'workflow' parameter", exception_type="WorkflowFormatError")
     try:
@@ -122,12 +131,41 @@ def parse_input(raw: Any) -> JobInput:
                                 or not timeout > 0 or timeout == float("inf")):
         raise InputError(f"'timeout' must be a positive number of seconds, not {timeout!r}")
     key = raw.get("comfy_org_api_key")
+    if rendered is not None:
+        clash = set(images) & set(rendered.inputs)
+        if clash:
+            raise InputError(f"'images' has {', '.join(sorted(clash))}, which a template parameter uploads",
+                             exception_type="ParamInvalid")
+        images.update(rendered.inputs)
     return JobInput(
         workflow=workflow,
         images=images,
         comfy_org_api_key=key if isinstance(key, str) and key else None,
         timeout=float(timeout) if timeout is not None else None,
+        template=raw["template"] if rendered is not None else None,
+        template_version=templates[raw["template"]].version if rendered is not None else None,
+        params=rendered.params if rendered is not None else None,
     )
+
+
+def _render(raw: Mapping[str, Any], templates: Any) -> Any:
+    from gpubridge.errors import ParamInvalid, TemplateNotFound
+
+    name, params = raw.get("template"), raw.get("params", {})
+    if not isinstance(name, str) or not name:
+        raise InputError("'template' must be a template name", exception_type="TemplateNotFound")
+    if not isinstance(params, Mapping):
+        raise InputError("'params' must be an object of template parameters", exception_type="ParamInvalid")
+    if templates is None:
+        raise InputError(f"No template {name!r}: this worker has no templates (GPUBRIDGE_TEMPLATES)",
+                         exception_type="TemplateNotFound")
+    try:
+        return templates[name].render(params, remote=True)
+    except TemplateNotFound as exc:
+        raise InputError(exc.message, exception_type="TemplateNotFound") from None
+    except ParamInvalid as exc:
+        raise InputError(exc.message, [f"{k}: {v}" for k, v in exc.params.items()],
+                         exception_type="ParamInvalid") from None
 
 
 def decode_image(name: str, value: Any) -> InputFile:

@@ -166,6 +166,26 @@ class Capabilities(BaseModel):
     object_info: dict[str, Any] | None = None
 
 
+class TemplateInfo(BaseModel):
+    """A workflow template this server runs: submit ``{"template": name, "params": {...}}``. ``schema`` is
+    the JSON Schema of ``params``; ``version`` changes whenever its workflow or manifest does."""
+
+    name: str
+    version: str
+    description: str = ""
+    params: list[dict[str, Any]] = Field(default_factory=list)
+    models: list[str] = Field(default_factory=list)
+    outputs: list[dict[str, Any]] = Field(default_factory=list)
+    tags: dict[str, str] = Field(default_factory=dict)
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+
+    model_config = ConfigDict(populate_by_name=True, serialize_by_alias=True)
+
+
+class TemplateList(BaseModel):
+    templates: list[TemplateInfo] = Field(default_factory=list)
+
+
 class ErrorDetail(BaseModel):
     """What went wrong: the gpubridge error type, a message, and whether the same request may succeed
     later; type-specific fields (``retry_after``, ``job_id``, ``node_errors``, ...) ride along."""

@@ -26,8 +26,10 @@ What is compared:
 Whether a pair is a *mismatch* depends on the workflow's noise floor and is decided at report time by
 :func:`pair_status` (see :mod:`gpubridge.shadow.report`).
 
-Workflow identity (:func:`workflow_key`): ``request.tags["workflow"]`` when the caller sets it; otherwise
-``wf-`` and 12 hex digits of a SHA-256 over the API graph's node ids, class types, links and input values,
+Workflow identity (:func:`workflow_key`): ``request.tags["workflow"]`` when the caller sets it; for a job
+made from a template (:mod:`gpubridge.templates`), ``NAME@VERSION`` (the version is a hash of the template's
+workflow and manifest, so records and the report's go/no-go are per template and version, whatever the
+parameters); otherwise ``wf-`` and 12 hex digits of a SHA-256 over the API graph's node ids, class types, links and input values,
 with per-request values normalised away: seeds (``seed``, ``noise_seed``, ``*_seed``), prompt texts
 (string inputs named ``text``, ``prompt``, ``positive``, ``negative``, ``string``, ``text_*``, ``*_text``),
 ``filename_prefix``, ``LoadImage``-style ``image``/``video``/``audio`` file names, and ``_meta`` titles.
@@ -212,6 +214,8 @@ def workflow_key(request: JobRequest) -> str:
     tagged = request.tags.get("workflow")
     if tagged:
         return tagged
+    if request.template:
+        return f"{request.template}@{request.template_version or 'unversioned'}"
     graph = {
         node_id: {
             "class_type": node.get("class_type"),
