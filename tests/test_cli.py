@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from gpubridge.cli import app
 from gpubridge.testing import ComfyDouble, ErrorFault
 
-from .conftest import EXAMPLES
+from .conftest import EXAMPLES, ROOT
 
 runner = CliRunner()
 MODEL_FREE = str(EXAMPLES / "model_free_invert.json")
@@ -56,7 +56,7 @@ def test_run_with_an_input_image(comfy, tmp_path):
     wf.write_text(json.dumps({
         "1": {"class_type": "LoadImage", "inputs": {"image": "input.png"}},
         "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "in"}}}))
-    res = invoke("run", str(wf), "--url", comfy.url, "--input", f"input.png={EXAMPLES.parent / 'inputs' / 'input.png'}",
+    res = invoke("run", str(wf), "--url", comfy.url, "--input", f"input.png={ROOT / 'examples' / 'inputs' / 'input.png'}",
                  "--json")
     assert res.exit_code == 0, res.output
     assert [(a["width"], a["height"]) for a in json.loads(res.stdout)["artifacts"]] == [(96, 64)]

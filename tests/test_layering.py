@@ -17,11 +17,11 @@ SRC = ROOT / "src" / "gpubridge"
 LAYERS = {
     "errors": 0, "models": 0, "config": 0, "fetch": 0, "download": 0, "gate": 0, "plugins": 0, "runner": 0, "__init__": 6,
     "comfy": 1,
-    "manifest": 1, "lock": 1, "storage": 1,
+    "manifest": 1, "lock": 1, "storage": 1, "templates": 1,
     "providers": 2,
     "resilience": 3, "shadow": 3,
     "server": 4, "connect": 4, "testing": 4,
-    "cli": 5, "cli_models": 5, "cli_shadow": 5, "cli_serve": 5,
+    "cli": 5, "cli_models": 5, "cli_shadow": 5, "cli_serve": 5, "cli_templates": 5,
 }
 FORBIDDEN_SIDEWAYS = {("resilience", "shadow"), ("shadow", "resilience"), ("resilience", "providers"),
                       ("shadow", "providers")}

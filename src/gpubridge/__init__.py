@@ -50,6 +50,7 @@ from .models import (
     Workflow,
 )
 from .runner import RunnerWrapper, SyncRunner, WorkflowRunner
+from .templates import TemplateRegistry  # also lets JobRequest(template=...) render (see gpubridge.models)
 
 __version__ = "0.1.0"
 
@@ -62,6 +63,7 @@ __all__ = [
     "Workflow",
     "InputFile",
     "JobRequest",
+    "TemplateRegistry",
     "JobHandle",
     "JobState",
     "JobStatus",

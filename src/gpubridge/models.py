@@ -15,7 +15,7 @@ import mimetypes
 import re
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -328,6 +328,15 @@ def _sniff_mime(data: bytes) -> str | None:
 
 # ---------------------------------------------------------------------------------------------- request
 
+_render_template: Callable[[str, Mapping[str, Any], dict[str, Any]], dict[str, Any]] | None = None
+"""How ``JobRequest(template=..., params=...)`` becomes fields (installed by :mod:`gpubridge.templates`,
+which sits above this module: a template registry reads files and model manifests)."""
+
+
+def install_template_renderer(render: Callable[[str, Mapping[str, Any], dict[str, Any]], dict[str, Any]]) -> None:
+    global _render_template
+    _render_template = render
+
 
 class JobRequest(BaseModel):
     """What to run: a workflow, its input files, and how long it may take.
@@ -363,10 +372,10 @@ class JobRequest(BaseModel):
     def _from_template(cls, data: Any) -> Any:
         """``template`` + ``params`` without a workflow: render it (typed errors name the parameter)."""
         if isinstance(data, Mapping) and data.get("template") is not None and data.get("workflow") is None:
-            from .templates.registry import default_registry, request_fields
-
+            if _render_template is None:  # pragma: no cover - gpubridge/__init__ installs it
+                raise WorkflowInputError("Templates are not available (import gpubridge.templates)")
             fields = {k: v for k, v in data.items() if k not in ("template", "params")}
-            return request_fields(default_registry(), data["template"], data.get("params") or {}, fields)
+            return _render_template(data["template"], data.get("params") or {}, fields)
         return data
 
     @field_validator("store_prefix")
@@ -593,10 +602,12 @@ class RemoteJobRequest(BaseModel):
             store_prefix=self.store_prefix,
         )
         if self.template is not None:
-            from .templates.registry import TemplateRegistry, request_fields
+            if templates is None:
+                from .errors import TemplateNotFound
 
-            registry = templates if templates is not None else TemplateRegistry()
-            return JobRequest(**request_fields(registry, self.template, self.params, fields, remote=True))
+                raise TemplateNotFound(f"No template {self.template!r}: this server has no templates",
+                                       template=self.template)
+            return JobRequest(**templates.request_fields(self.template, self.params, fields, remote=True))
         nodes = {node_id: node.model_dump() for node_id, node in (self.workflow or {}).items()}
         return JobRequest(workflow=Workflow.model_validate(nodes), **fields)
 

@@ -19,12 +19,12 @@ from gpubridge.plugins import get_registry
 from gpubridge.providers.comfy_api import ComfyApiRunner, error_of
 from gpubridge.testing import ComfyDouble
 
-from ..conftest import EXAMPLES
+from ..conftest import EXAMPLES, ROOT
 from .conftest import FIXTURES, free_port, proxy_for
 
 BASE = "http://comfy.test"
 INVERT = json.loads((EXAMPLES / "model_free_invert.json").read_text())
-PNG = (EXAMPLES.parent / "inputs" / "input.png").read_bytes()
+PNG = (ROOT / "examples" / "inputs" / "input.png").read_bytes()
 
 
 def recorded(name: str) -> dict:

@@ -15,7 +15,7 @@ from gpubridge.errors import InvalidRequest, JobCancelled, JobTimeout, WorkflowI
 from gpubridge.models import ArtifactKind, EventType, JobRequest, Workflow
 from gpubridge.providers.comfy_api import ComfyApiRunner
 
-from ..conftest import EXAMPLES
+from ..conftest import EXAMPLES, ROOT
 from .conftest import faults
 
 INVERT = json.loads((EXAMPLES / "model_free_invert.json").read_text())
@@ -29,7 +29,7 @@ LOAD = {
     "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
     "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "inv"}},
 }
-PNG = (EXAMPLES.parent / "inputs" / "input.png").read_bytes()
+PNG = (ROOT / "examples" / "inputs" / "input.png").read_bytes()
 
 
 def colored(color: int) -> dict[str, Any]:

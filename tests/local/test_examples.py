@@ -8,7 +8,7 @@ import pytest
 
 from gpubridge.models import ArtifactKind, JobRequest, Workflow
 
-from ..conftest import EXAMPLES
+from ..conftest import EXAMPLES, ROOT
 
 EXPECTED = {
     "model_free_invert.json": [(ArtifactKind.IMAGE, "image/png", 256, 256)] * 2,
@@ -25,7 +25,7 @@ def test_every_example_is_covered():
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 async def test_example_runs(local, name):
     wf = Workflow.load(EXAMPLES / name)
-    inputs = {"input.png": EXAMPLES.parent / "inputs" / "input.png"} if "LoadImage" in json.dumps(wf.to_api()) else {}
+    inputs = {"input.png": ROOT / "examples" / "inputs" / "input.png"} if "LoadImage" in json.dumps(wf.to_api()) else {}
     result = await local.run(JobRequest(workflow=wf, inputs=inputs))
     got = [(a.kind, a.mime_type, a.width, a.height) for a in result.artifacts]
     assert got == EXPECTED[name]

@@ -94,7 +94,8 @@ def test_templates_new_then_validate_list_and_show(tmp_path: Path):
 
 
 def test_the_gateway_lists_templates_and_runs_templated_jobs(comfy, tmp_path: Path):
-    gw = Gateway(comfy.url, tmp_path / "data", env={"GPUBRIDGE_TEMPLATES": str(WORKFLOWS)}).start()
+    gw = Gateway(comfy.url, tmp_path / "data", "--runpod-endpoint", "ep",
+                 env={"GPUBRIDGE_TEMPLATES": str(WORKFLOWS)}).start()
     try:
         listed = httpx.get(f"{gw.url}/v1/templates", headers=AUTH, timeout=30).json()["templates"]
         invert = next(t for t in listed if t["name"] == "model_free_invert")
@@ -115,6 +116,16 @@ def test_the_gateway_lists_templates_and_runs_templated_jobs(comfy, tmp_path: Pa
         env = until(gw, job.json()["job_id"], "succeeded", "failed")
         assert env["status"]["state"] == "succeeded", env
         assert [a["width"] for a in env["result"]["artifacts"]] == [8, 8]
+        # the RunPod-shaped API takes a template in worker-comfyui's input too
+        sync = httpx.post(f"{gw.url}/v2/ep/runsync", json={"input": {"template": "model_free_invert",
+                                                                     "params": {"height": 3}}},
+                          headers=AUTH, timeout=60).json()
+        assert sync["status"] == "COMPLETED", sync
+        assert len(sync["output"]["images"]) == 2
+        bad = httpx.post(f"{gw.url}/v2/ep/run", json={"input": {"template": "model_free_invert",
+                                                                "params": {"height": -3}}}, headers=AUTH, timeout=30)
+        assert bad.status_code == 422 and "'height'" in bad.json()["error"]["message"]
+        assert comfy.stats.prompts_accepted == before + 2
     finally:
         gw.stop()
 

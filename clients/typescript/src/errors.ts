@@ -6,7 +6,9 @@
  *     ├── WorkflowError            the workflow itself is wrong (fails before any GPU time)
  *     │   ├── WorkflowFormatError  not an API-format graph (UI export, ...)
  *     │   ├── WorkflowInputError   unknown node or input, bad image data
+ *     │   │   └── TemplateNotFound no workflow template by that name
  *     │   └── WorkflowInvalid      ComfyUI-style validation failed; `details.node_errors`
+ *     │       └── ParamInvalid     a template parameter is wrong; `params` names each
  *     ├── PayloadTooLarge          request over the server's size limit (413)
  *     ├── AuthError                credentials missing or rejected (401/403)
  *     ├── InvalidRequest           a malformed request (bad JSON, parameter, header)
@@ -68,6 +70,14 @@ export class WorkflowError extends GpuBridgeError {}
 export class WorkflowFormatError extends WorkflowError {}
 export class WorkflowInputError extends WorkflowError {}
 export class WorkflowInvalid extends WorkflowError {}
+export class TemplateNotFound extends WorkflowInputError {}
+export class ParamInvalid extends WorkflowInvalid {
+  /** Each bad parameter's name and what is wrong with it. */
+  get params(): Record<string, string> {
+    const value = this.details.params;
+    return value && typeof value === "object" ? (value as Record<string, string>) : {};
+  }
+}
 export class PayloadTooLarge extends GpuBridgeError {}
 export class AuthError extends GpuBridgeError {}
 export class InvalidRequest extends GpuBridgeError {}
@@ -94,7 +104,7 @@ export class TransportError extends GpuBridgeError {}
 
 const CLASSES: Record<string, new (d: ErrorEnvelope, s?: number) => GpuBridgeError> = {
   ConfigError, ProviderNotFound: ConfigError, WorkflowError, WorkflowFormatError, WorkflowInputError,
-  WorkflowInvalid, PayloadTooLarge, AuthError, InvalidRequest, Conflict, ProviderError, ProviderUnavailable,
+  WorkflowInvalid, TemplateNotFound, ParamInvalid, PayloadTooLarge, AuthError, InvalidRequest, Conflict, ProviderError, ProviderUnavailable,
   RateLimited, ProtocolError, InputUnavailable, JobError, JobFailed, JobTimeout, JobCancelled, JobNotFound,
   ResultExpired, InternalError,
 };

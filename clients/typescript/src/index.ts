@@ -33,7 +33,15 @@ export type JobResult = components["schemas"]["JobResult"];
 export type JobState = components["schemas"]["JobState"];
 export type HealthReport = components["schemas"]["HealthReport"];
 export type JobRequest = components["schemas"]["RemoteJobRequest"];
-export type Workflow = JobRequest["workflow"];
+export type Workflow = NonNullable<JobRequest["workflow"]>;
+export type TemplateInfo = components["schemas"]["TemplateInfo"];
+type Schemas = components["schemas"];
+/**
+ * Each template's `params`, by template name: typed for the templates the server had when this client was
+ * generated (`npm run openapi && npm run generate` against a gateway with your `workflows/`), else loose.
+ */
+export type TemplateParams = Schemas extends { TemplateParamsByName: infer T } ? T : Record<string, Record<string, unknown>>;
+export type TemplateName = keyof TemplateParams & string;
 /** An input file: inline bytes, base64 / data URI, or a URL the server fetches (through its URL guard). */
 export type InputFile = Uint8Array | { data: string; mime_type?: string } | { url: string; mime_type?: string };
 
@@ -124,7 +132,33 @@ export class GpuBridge {
 
   /** Submit a job; resolves with its envelope (state `queued` or later). */
   async submit(workflow: Workflow, options: SubmitOptions = {}): Promise<JobEnvelope> {
-    const body = this.body(workflow, options);
+    return this.send(this.body({ workflow }, options), options);
+  }
+
+  /**
+   * Submit a job made from one of the server's workflow templates (`GET /v1/templates`). A bad parameter
+   * is a 422 `ParamInvalid` naming it (`error.details.params`), before any GPU time.
+   */
+  async submitTemplate<N extends TemplateName>(template: N, params: TemplateParams[N], options: SubmitOptions = {}): Promise<JobEnvelope> {
+    return this.send(this.body({ template, params }, options), options);
+  }
+
+  /** Submit a templated job and wait for its result (see {@link run}). */
+  async runTemplate<N extends TemplateName>(
+    template: N,
+    params: TemplateParams[N],
+    options: RunOptions & { signal?: AbortSignal } = {},
+  ): Promise<JobResult> {
+    return this.follow(await this.submitTemplate(template, params, options), options);
+  }
+
+  /** The workflow templates the server runs, each with its version and the JSON Schema of its params. */
+  async templates(options: { signal?: AbortSignal } = {}): Promise<TemplateInfo[]> {
+    const list = await this.call(() => this.http.GET("/v1/templates", { signal: options.signal }));
+    return list.templates ?? [];
+  }
+
+  private async send(body: JobRequest, options: SubmitOptions): Promise<JobEnvelope> {
     const key = options.idempotencyKey ?? crypto.randomUUID();
     let delay = 250;
     for (let attempt = 1; ; attempt++) {
@@ -198,7 +232,10 @@ export class GpuBridge {
    * JobCancelled). An aborted `signal` cancels the job on the server before rejecting.
    */
   async run(workflow: Workflow, options: RunOptions & { signal?: AbortSignal } = {}): Promise<JobResult> {
-    const submitted = await this.submit(workflow, options);
+    return this.follow(await this.submit(workflow, options), options);
+  }
+
+  private async follow(submitted: JobEnvelope, options: RunOptions & { signal?: AbortSignal }): Promise<JobResult> {
     options.onUpdate?.(submitted);
     let env: JobEnvelope;
     try {
@@ -271,12 +308,12 @@ export class GpuBridge {
     return result.data;
   }
 
-  private body(workflow: Workflow, options: SubmitOptions): JobRequest {
+  private body(target: { workflow: Workflow } | { template: string; params: unknown }, options: SubmitOptions): JobRequest {
     const inputs: NonNullable<JobRequest["inputs"]> = {};
     for (const [name, file] of Object.entries(options.inputs ?? {})) {
       inputs[name] = file instanceof Uint8Array ? { data: toBase64(file) } : file;
     }
-    const body: Record<string, unknown> = { workflow, ...options.extra };
+    const body: Record<string, unknown> = { ...target, ...options.extra };
     if (options.inputs) body.inputs = inputs;
     if (options.timeout !== undefined) body.timeout = options.timeout;
     if (options.queueTimeout !== undefined) body.queue_timeout = options.queueTimeout;

@@ -107,6 +107,40 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/templates": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** The workflow templates jobs may name, with each one's parameter JSON Schema */
+        get: operations["list_templates"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/templates/{name}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** One workflow template */
+        get: operations["get_template"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
 }
 export type webhooks = Record<string, never>;
 export interface components {
@@ -400,6 +434,13 @@ export interface components {
             inputs?: {
                 [key: string]: components["schemas"]["WireInput"];
             };
+            /**
+             * Params
+             * @description The template's parameters (its JSON Schema is in GET /v1/templates); images as base64, a data URI or an http(s) URL
+             */
+            params?: {
+                [key: string]: unknown;
+            };
             /** Queue Timeout */
             queue_timeout?: number | null;
             /** Request Id */
@@ -413,6 +454,11 @@ export interface components {
             tags?: {
                 [key: string]: string;
             };
+            /**
+             * Template
+             * @description Run this server's workflow template (GET /v1/templates) instead of a workflow
+             */
+            template?: string | null;
             /**
              * Timeout
              * @description The job's deadline in seconds from submission, queue time included
@@ -430,11 +476,128 @@ export interface components {
             webhook_events?: "progress"[];
             /**
              * Workflow
-             * @description An API-format graph: node id -> node
+             * @description An API-format graph: node id -> node (or give a template)
              */
-            workflow: {
+            workflow?: {
                 [key: string]: components["schemas"]["WireNode"];
+            } | null;
+        };
+        /**
+         * TemplateInfo
+         * @description A workflow template this server runs: submit ``{"template": name, "params": {...}}``. ``schema`` is
+         *     the JSON Schema of ``params``; ``version`` changes whenever its workflow or manifest does.
+         */
+        TemplateInfo: {
+            /**
+             * Description
+             * @default
+             */
+            description: string;
+            /** Models */
+            models?: string[];
+            /** Name */
+            name: string;
+            /** Outputs */
+            outputs?: {
+                [key: string]: unknown;
+            }[];
+            /** Params */
+            params?: {
+                [key: string]: unknown;
+            }[];
+            /** Schema */
+            schema?: {
+                [key: string]: unknown;
             };
+            /** Tags */
+            tags?: {
+                [key: string]: string;
+            };
+            /** Version */
+            version: string;
+        };
+        /** TemplateList */
+        TemplateList: {
+            /** Templates */
+            templates?: components["schemas"]["TemplateInfo"][];
+        };
+        /**
+         * TemplateParamsByName
+         * @description Each template's params, by template name
+         */
+        TemplateParamsByName: {
+            flux_schnell_t2i: components["schemas"]["TemplateParams_flux_schnell_t2i"];
+            model_free_invert: components["schemas"]["TemplateParams_model_free_invert"];
+            sdxl_img2img: components["schemas"]["TemplateParams_sdxl_img2img"];
+            wan21_t2v: components["schemas"]["TemplateParams_wan21_t2v"];
+        };
+        /** TemplateParams_flux_schnell_t2i */
+        TemplateParams_flux_schnell_t2i: {
+            /** @description Classifier-free guidance scale (default: 1.0) */
+            cfg?: number;
+            /** @description Output height in pixels (default: 1024) */
+            height?: number;
+            /** @description What to draw (default: 'portrait photo of a red fox in a snowy forest, soft morning light, 85mm') */
+            prompt?: string;
+            /** @description Random seed: the same seed and parameters give the same image (default: 'random') */
+            seed?: number | "random";
+            /** @description Sampling steps (default: 4) */
+            steps?: number;
+            /** @description Output width in pixels (default: 1024) */
+            width?: number;
+        };
+        /** TemplateParams_model_free_invert */
+        TemplateParams_model_free_invert: {
+            /** @description Colour as 0xRRGGBB (default: 16744448) */
+            color?: number;
+            /** @description Output height in pixels (default: 256) */
+            height?: number;
+            /** @description Output width in pixels (default: 256) */
+            width?: number;
+        };
+        /** TemplateParams_sdxl_img2img */
+        TemplateParams_sdxl_img2img: {
+            /** @description Classifier-free guidance scale (default: 6.5) */
+            cfg?: number;
+            /** @description How much of the input image to repaint (0 keeps it, 1 replaces it) (default: 0.6) */
+            denoise?: number;
+            /** @description Output height in pixels (default: 1024) */
+            height?: number;
+            /** @description The input image */
+            image: string | {
+                data?: string;
+                mime_type?: string;
+                url?: string;
+            };
+            /** @description What to avoid (default: 'blurry, low quality, watermark') */
+            negative_prompt?: string;
+            /** @description What to draw (default: 'oil painting, impressionist style, vivid colours') */
+            prompt?: string;
+            /** @description Random seed: the same seed and parameters give the same image (default: 1234) */
+            seed?: number;
+            /** @description Sampling steps (default: 25) */
+            steps?: number;
+            /** @description Output width in pixels (default: 1024) */
+            width?: number;
+        };
+        /** TemplateParams_wan21_t2v */
+        TemplateParams_wan21_t2v: {
+            /** @description Classifier-free guidance scale (default: 6.0) */
+            cfg?: number;
+            /** @description Video length in frames (default: 33) */
+            frames?: number;
+            /** @description Output height in pixels (default: 480) */
+            height?: number;
+            /** @description What to avoid (default: 'static, blurry, low quality, distorted') */
+            negative_prompt?: string;
+            /** @description What to draw (default: 'a red fox running through fresh snow, cinematic tracking shot') */
+            prompt?: string;
+            /** @description Random seed: the same seed and parameters give the same image (default: 7) */
+            seed?: number;
+            /** @description Sampling steps (default: 30) */
+            steps?: number;
+            /** @description Output width in pixels (default: 832) */
+            width?: number;
         };
         /**
          * Timings
@@ -1079,6 +1242,111 @@ export interface operations {
             };
             /** @description ComfyUI or Modal unavailable (ProviderUnavailable, retryable) */
             503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    list_templates: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["TemplateList"];
+                };
+            };
+            /** @description Missing or invalid credentials (AuthError) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Invalid request: body, parameter or header (InvalidRequest, WorkflowFormatError, WorkflowInputError, WorkflowInvalid), or an Idempotency-Key reused with another body */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description A bug in the server (InternalError) */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    get_template: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                name: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["TemplateInfo"];
+                };
+            };
+            /** @description Missing or invalid credentials (AuthError) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Unknown template (TemplateNotFound) */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Invalid request: body, parameter or header (InvalidRequest, WorkflowFormatError, WorkflowInputError, WorkflowInvalid), or an Idempotency-Key reused with another body */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description A bug in the server (InternalError) */
+            500: {
                 headers: {
                     [name: string]: unknown;
                 };

@@ -9,6 +9,8 @@ import {
   JobCancelled,
   JobNotFound,
   JobTimeout,
+  ParamInvalid,
+  TemplateNotFound,
   WorkflowError,
   WorkflowFormatError,
 } from "../dist/index.js";
@@ -58,6 +60,30 @@ describe("run", () => {
     assert.equal(again.job_id, first.job_id);
     const done = await gb.wait(first.job_id);
     assert.equal(done.status.state, "succeeded");
+  });
+});
+
+describe("templates", () => {
+  it("lists the server's templates with their parameter schemas", async () => {
+    const templates = await gb.templates();
+    const invert = templates.find((t) => t.name === "model_free_invert");
+    assert.ok(invert, JSON.stringify(templates.map((t) => t.name)));
+    assert.equal(invert.schema.properties.color.maximum, 16777215);
+  });
+
+  it("runs a template with typed params", async () => {
+    const result = await gb.runTemplate("model_free_invert", { width: 16, height: 8 });
+    assert.deepEqual(result.artifacts.map((a) => [a.width, a.height]), [[16, 8], [16, 8]]);
+  });
+
+  it("a bad parameter is a ParamInvalid naming it; an unknown template a TemplateNotFound", async () => {
+    await assert.rejects(gb.submitTemplate("model_free_invert", { color: -1 }), (err) => {
+      assert.ok(err instanceof ParamInvalid && err instanceof WorkflowError, `${err.name}: ${err.message}`);
+      assert.equal(err.status, 422);
+      assert.deepEqual(Object.keys(err.params), ["color"]);
+      return true;
+    });
+    await assert.rejects(gb.submitTemplate("nope", {}), (err) => err instanceof TemplateNotFound && err.status === 422);
   });
 });
 

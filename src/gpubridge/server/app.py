@@ -587,7 +587,14 @@ def _add_template_schemas(app: FastAPI, templates: Any) -> None:
         by_name: dict[str, Any] = {}
         for name, tpl in templates.items():
             key = "TemplateParams_" + re.sub(r"[^A-Za-z0-9_]", "_", name)
-            schemas[key] = {**tpl.json_schema(), "title": key, "x-template-version": tpl.version}
+            schema = tpl.json_schema()
+            for prop in schema["properties"].values():
+                # Generators read a default as "always present" (openapi-typescript makes it required);
+                # it is optional for the caller, so the default goes to the words and to x-default.
+                if "default" in prop:
+                    prop["x-default"] = prop.pop("default")
+                    prop["description"] = f"{prop.get('description', '')} (default: {prop['x-default']!r})".strip()
+            schemas[key] = {**schema, "title": key, "x-template-version": tpl.version}
             by_name[name] = {"$ref": f"#/components/schemas/{key}"}
         schemas["TemplateParamsByName"] = {
             "title": "TemplateParamsByName",

@@ -19,7 +19,7 @@ from typing import Any
 
 from ..errors import ConfigError, TemplateNotFound
 from ..manifest import Manifest
-from ..models import JobRequest
+from ..models import JobRequest, install_template_renderer
 from .template import Rendered, Template
 
 __all__ = ["DEFAULT_DIR", "TEMPLATES_ENV", "TemplateRegistry", "default_registry", "manifest_files"]
@@ -101,6 +101,11 @@ class TemplateRegistry(Mapping[str, Template]):
         """A :class:`JobRequest` for template ``name`` with ``params`` (other fields: timeout, tags, ...)."""
         return JobRequest(**request_fields(self, name, params or {}, fields))
 
+    def request_fields(self, name: str, params: Mapping[str, Any], fields: Mapping[str, Any], *,
+                       remote: bool = False) -> dict[str, Any]:
+        """See :func:`request_fields`."""
+        return request_fields(self, name, params, fields, remote=remote)
+
 
 def request_fields(
     registry: TemplateRegistry, name: str, params: Mapping[str, Any], fields: Mapping[str, Any],
@@ -151,3 +156,6 @@ def default_registry() -> TemplateRegistry:
         if _default is None or _default[0] != key:
             _default = (key, TemplateRegistry.load(root))
         return _default[1]
+
+
+install_template_renderer(lambda name, params, fields: request_fields(default_registry(), name, params, fields))
