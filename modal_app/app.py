@@ -163,12 +163,13 @@ class JobAPI:
     cpu=2.0,
 )
 def download_models(only: str = "", force: bool = False) -> dict[str, Any]:
-    """Download the manifest's models into the Volume (``--only a.safetensors,b.safetensors``)."""
+    """Download this deployment's models (all of the manifest's when it names none) into the Volume
+    (``--only a.safetensors,b.safetensors`` for some)."""
     from gpubridge.manifest import download
     from modal_app.runtime import load_manifest
 
     manifest = load_manifest()
-    entries = manifest.select([n for n in only.split(",") if n.strip()])
+    entries = manifest.select([n for n in only.split(",") if n.strip()] or config.models)
     report = download(entries, config.models_mount, force=force)
     models_volume.commit()
     for line in report.warnings:

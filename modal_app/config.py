@@ -1,7 +1,10 @@
 """The Modal app's configuration: environment variables ``GPUBRIDGE_APP_*`` over defaults.
 
 It is read when ``modal deploy`` imports the app, and baked into the image's environment (:meth:`to_env`),
-so the containers see the same values. Decorator settings come from :meth:`AppConfig.gpu_cls_options`
+so the containers see the same values. One codebase deploys several apps: ``GPUBRIDGE_APP_DEPLOYMENT=NAME``
+takes the ``[deployments.NAME]`` table of ``modal_app/deployments.toml`` as the defaults (its app name, GPU
+list, model set, concurrency, ...), under the environment. ``python -m modal_app.deployments`` lists and
+checks them (the deploy workflow deploys each). Decorator settings come from :meth:`AppConfig.gpu_cls_options`
 and friends, so tests assert on this object as well as on Modal's own view of the app::
 
     GPUBRIDGE_APP_GPUS="L40S,A100-40GB" GPUBRIDGE_APP_MIN_CONTAINERS=1 modal deploy modal_app/app.py
@@ -9,23 +12,57 @@ and friends, so tests assert on this object as well as on Modal's own view of th
 
 from __future__ import annotations
 
+import contextvars
 import json
+import os
 import re
+import tomllib
 from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from gpubridge.errors import ConfigError
 
-__all__ = ["DEFAULT_PRICES", "ENV_PREFIX", "MODAL_APP_DIR", "AppConfig", "gpu_from_device", "load_config"]
+__all__ = ["DEFAULT_PRICES", "DEPLOYMENTS_FILE", "ENV_PREFIX", "MODAL_APP_DIR", "AppConfig", "gpu_from_device",
+           "load_config", "load_deployments"]
 
 ENV_PREFIX = "GPUBRIDGE_APP_"
 MODAL_APP_DIR = Path(__file__).resolve().parent
 TEMPLATES_DIR = MODAL_APP_DIR.parent / "workflows"
 """The repository's workflow templates, shipped into the image at :data:`REMOTE_TEMPLATES_DIR`."""
 REMOTE_TEMPLATES_DIR = "/root/workflows"
+DEPLOYMENTS_FILE = MODAL_APP_DIR / "deployments.toml"
+"""One ``[deployments.NAME]`` table per Modal app this codebase deploys (see the module docstring)."""
+
+_DEPLOYMENT_LAYER: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("gpubridge_app_deployment",
+                                                                                    default={})
+
+
+class _DeploymentLayer(PydanticBaseSettingsSource):
+    """The selected deployment's table: below the environment, above the defaults."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(_DEPLOYMENT_LAYER.get())
+
+
+def load_deployments(path: Path = DEPLOYMENTS_FILE) -> dict[str, dict[str, Any]]:
+    """The ``[deployments.NAME]`` tables (empty without the file)."""
+    if not path.is_file():
+        return {}
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"Cannot read {path}: {exc}") from None
+    tables = data.get("deployments", {})
+    if not isinstance(tables, dict) or not all(isinstance(t, dict) for t in tables.values()):
+        raise ConfigError(f"{path}: expected [deployments.NAME] tables")
+    return tables
 
 # On-demand GPU prices in USD per second (https://modal.com/pricing, checked 2026-07). Override with
 # GPUBRIDGE_APP_PRICES='{"L40S": 0.000542}' or "L40S=0.000542,H100=0.001097".
@@ -62,6 +99,10 @@ class AppConfig(BaseSettings):
 
     name: str = "gpubridge"
     """The Modal app name (``modal deploy`` creates or updates it)."""
+    deployment: str | None = None
+    """Which ``[deployments.NAME]`` of ``deployments.toml`` this app is (its table gives the defaults)."""
+    models: Annotated[list[str] | None, NoDecode] = None
+    """The model files (names from models.toml) this app links and downloads; unset: all of them."""
 
     # -- the GPU class
     gpus: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["L40S", "A100-40GB"])
@@ -127,7 +168,18 @@ class AppConfig(BaseSettings):
     # -- cost
     prices: Annotated[dict[str, float], NoDecode] = Field(default_factory=lambda: dict(DEFAULT_PRICES))
 
-    @field_validator("gpus", "comfy_args", mode="before")
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _DeploymentLayer(settings_cls))
+
+    @field_validator("gpus", "comfy_args", "models", mode="before")
     @classmethod
     def _lists(cls, value: Any) -> Any:
         return _split(value)
@@ -235,12 +287,29 @@ class AppConfig(BaseSettings):
         return {k: v for k, v in out.items() if v != ""}
 
 
-def load_config(**overrides: Any) -> AppConfig:
-    """The config from the environment, with ``overrides`` on top; errors become ConfigError."""
+def load_config(*, deployments: dict[str, dict[str, Any]] | None = None, **overrides: Any) -> AppConfig:
+    """The config from the environment over the selected deployment's table (``deployment`` here, else
+    ``GPUBRIDGE_APP_DEPLOYMENT``), with ``overrides`` on top; errors become ConfigError."""
+    name = overrides.get("deployment") or os.environ.get(ENV_PREFIX + "DEPLOYMENT") or None
+    table: dict[str, Any] = {}
+    if name:
+        tables = load_deployments() if deployments is None else deployments
+        if name not in tables:
+            raise ConfigError(f"No deployment {name!r} in {DEPLOYMENTS_FILE.name} "
+                              f"(known: {', '.join(sorted(tables)) or 'none'})")
+        unknown = set(tables[name]) - set(AppConfig.model_fields)
+        if unknown:
+            raise ConfigError(f"[deployments.{name}] in {DEPLOYMENTS_FILE.name}: unknown setting(s) "
+                              f"{', '.join(sorted(unknown))}")
+        table = {**tables[name], "deployment": name}
+    token = _DEPLOYMENT_LAYER.set(table)
     try:
         return AppConfig(**overrides)
     except (ValidationError, ValueError) as exc:
-        raise ConfigError(f"Invalid Modal app configuration ({ENV_PREFIX}*): {exc}") from None
+        where = f"deployment {name!r} / " if name else ""
+        raise ConfigError(f"Invalid Modal app configuration ({where}{ENV_PREFIX}*): {exc}") from None
+    finally:
+        _DEPLOYMENT_LAYER.reset(token)
 
 
 _GPU_PATTERNS: tuple[tuple[str, str], ...] = (

@@ -51,9 +51,11 @@ def load_templates(folder: str | Path | None = None) -> TemplateRegistry | None:
 
 
 def link_models(config: AppConfig, manifest: Manifest | None = None) -> LinkReport:
-    """Symlink every manifest model present on the Volume into ``<comfy>/models``; report the rest."""
+    """Symlink the deployment's models (``config.models``, else every manifest model) present on the Volume
+    into ``<comfy>/models``; report the rest."""
     manifest = manifest or load_manifest()
-    report = link(manifest, config.models_mount, config.comfy_models_dir)
+    entries = manifest.select(config.models)  # this deployment's model set (all when unset)
+    report = link(entries, config.models_mount, config.comfy_models_dir)
     if report.missing:
         log.warning(
             "%d manifest models are not on the Volume %r: %s "

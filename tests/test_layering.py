@@ -19,9 +19,9 @@ LAYERS = {
     "comfy": 1,
     "manifest": 1, "lock": 1, "storage": 1, "templates": 1,
     "providers": 2,
-    "resilience": 3, "shadow": 3,
+    "resilience": 3, "shadow": 3, "routing": 3,
     "server": 4, "connect": 4, "testing": 4,
-    "cli": 5, "cli_models": 5, "cli_shadow": 5, "cli_serve": 5, "cli_templates": 5,
+    "cli": 5, "cli_models": 5, "cli_shadow": 5, "cli_serve": 5, "cli_templates": 5, "cli_route": 5,
 }
 FORBIDDEN_SIDEWAYS = {("resilience", "shadow"), ("shadow", "resilience"), ("resilience", "providers"),
                       ("shadow", "providers")}

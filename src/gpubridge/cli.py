@@ -24,6 +24,7 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 from rich.table import Table
 
 from .cli_models import models_app
+from .cli_route import register as register_route
 from .cli_serve import register as register_serve
 from .cli_shadow import shadow_app
 from .cli_templates import templates_app
@@ -55,6 +56,7 @@ app.add_typer(shadow_app, name="shadow")
 app.add_typer(models_app, name="models")
 app.add_typer(templates_app, name="templates")
 register_serve(app)
+register_route(app)
 
 err = Console(stderr=True, highlight=False)
 out = Console(highlight=False, soft_wrap=True)
@@ -396,17 +398,21 @@ def health(
         if value is not None:
             table.add_row(label, str(value))
     for key, value in report.details.items():
-        if key in ("components",):
+        if key in ("components", "routes"):
             continue
         table.add_row(key, json.dumps(value, default=str) if isinstance(value, (dict, list)) else str(value))
     out.print(table)
     components = report.details.get("components")
     if isinstance(components, list) and components:
+        routed = any("routes" in c for c in components)
         sub = Table(title="components", title_justify="left")
-        for col in ("provider", "state", "circuit", "message"):
+        for col in ("provider", *(("type", "routes") if routed else ()), "state", "circuit", "message"):
             sub.add_column(col)
         for c in components:
-            sub.add_row(str(c.get("provider")), str(c.get("state")), str(c.get("circuit", "")), str(c.get("message") or ""))
+            cells = [str(c.get("provider"))]
+            if routed:
+                cells += [str(c.get("type", "")), ", ".join(c.get("routes") or [])]
+            sub.add_row(*cells, str(c.get("state")), str(c.get("circuit", "")), str(c.get("message") or ""))
         out.print(sub)
     if not report.ok:
         raise typer.Exit(3)
@@ -495,15 +501,27 @@ def lock(
 
 
 @app.command()
-def providers(as_json: JsonOpt = False) -> None:
-    """List the registered providers, where each comes from, and plugins that failed to load."""
+def providers(as_json: JsonOpt = False, config: ConfigOpt = None) -> None:
+    """List the registered providers (types), the configured instances ([providers.NAME] with their type and
+    the routes that use them), and plugins that failed to load."""
     registry = get_registry()
     specs = registry.providers()
     failures = registry.failures
+    settings = Settings.load(config)
+    used: dict[str, list[str]] = {}
+    for i, route in enumerate(settings.routes):
+        if isinstance(route, dict):
+            for name in [*(route.get("providers") or []), *([route["shadow"]] if route.get("shadow") else [])]:
+                used.setdefault(str(name), []).append(str(route.get("name", f"route-{i + 1}")))
+    for name in [settings.provider, *settings.fallbacks, *([settings.shadow] if settings.shadow else [])]:
+        used.setdefault(name, []).append("default")
+    instances = [{"name": n, "type": settings.provider_type(n), "routes": used.get(n, [])}
+                 for n in sorted(set(settings.providers) | set(used))]
     if as_json:
         print(json.dumps({
             "providers": [{"name": s.name, "source": s.source, "plugin": s.plugin, "description": s.description}
                           for s in specs.values()],
+            "instances": instances,
             "failures": [{"plugin": f.plugin, "source": f.source, "error": f.error} for f in failures],
         }, indent=2))
         return
@@ -514,6 +532,13 @@ def providers(as_json: JsonOpt = False) -> None:
     for spec in specs.values():
         table.add_row(spec.name, spec.source, spec.description)
     out.print(table)
+    inst = Table(title="configured instances", title_justify="left")
+    for col in ("name", "type", "routes"):
+        inst.add_column(col)
+    for i in instances:
+        inst.add_row(i["name"], i["type"] if i["type"] in specs else f"[red]{i['type']} (unknown)[/]",
+                     ", ".join(i["routes"]) or "-")
+    out.print(inst)
     if failures:
         bad = Table(title="plugins that failed to load", title_justify="left")
         bad.add_column("plugin")

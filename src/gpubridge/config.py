@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextvars
 import enum
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -246,6 +247,8 @@ class Settings(_LayeredSettings):
     """GPU price table in USD per second, overriding the built-in one (e.g. ``L40S = 0.000542``)."""
     fetch: dict[str, Any] = Field(default_factory=dict)
     """The ``[fetch]`` table: how caller-supplied URLs are fetched (read by :class:`FetchSettings`)."""
+    routes: list[dict[str, Any]] = Field(default_factory=list)
+    """``[[routes]]``: rules sending jobs to their own provider chains (see :mod:`gpubridge.routing`)."""
     templates: Path = Path("workflows")
     """The folder of workflow templates (``GPUBRIDGE_TEMPLATES``; see :mod:`gpubridge.templates`)."""
 
@@ -267,7 +270,13 @@ class Settings(_LayeredSettings):
         return cls._build(data, overrides, where)
 
     def provider_section(self, name: str) -> dict[str, Any]:
-        return dict(self.providers.get(name, {}))
+        """The ``[providers.NAME]`` table, without its ``type``."""
+        return {k: v for k, v in self.providers.get(name, {}).items() if k != "type"}
+
+    def provider_type(self, name: str) -> str:
+        """The provider type of instance ``name``: its table's ``type``, else the name itself."""
+        kind = self.providers.get(name, {}).get("type")
+        return kind if isinstance(kind, str) and kind else name
 
 
 class ProviderSettings(_LayeredSettings):
@@ -281,10 +290,40 @@ class ProviderSettings(_LayeredSettings):
 
     @classmethod
     def from_settings(cls: type[S], settings: Settings | None = None, **overrides: Any) -> S:
+        """Environment over ``[providers.<section>]``; while a named instance of this type is being built
+        (``[providers.NAME] type = "<section>"``), its own table under ``GPUBRIDGE_<NAME>_*`` instead, so
+        two RunPod endpoints never share one endpoint id through the environment."""
         settings = settings or Settings.load()
         name = getattr(cls, "section", "")
+        instance = BUILDING_INSTANCE.get()
+        target = cls
+        if instance and instance != name:
+            target = _instance_settings(cls, instance)
+            name = instance
         where = f" for provider {name!r}" + (f" ({settings.config_file})" if settings.config_file else "")
-        return cls._build(settings.provider_section(name), overrides, where)
+        return target._build(settings.provider_section(name), overrides, where)
+
+
+BUILDING_INSTANCE: contextvars.ContextVar[str | None] = contextvars.ContextVar("gpubridge_instance", default=None)
+"""The provider instance whose settings are being read (set by the plugin registry while it builds one)."""
+
+
+def instance_env_prefix(instance: str) -> str:
+    """``GPUBRIDGE_RUNPOD_FACESWAP_`` for instance ``runpod-faceswap``."""
+    return "GPUBRIDGE_" + re.sub(r"[^A-Za-z0-9]", "_", instance).upper() + "_"
+
+
+_INSTANCE_CLASSES: dict[tuple[type, str], type] = {}
+
+
+def _instance_settings(cls: type[S], instance: str) -> type[S]:
+    key = (cls, instance)
+    if key not in _INSTANCE_CLASSES:
+        _INSTANCE_CLASSES[key] = type(
+            cls.__name__, (cls,),
+            {"model_config": SettingsConfigDict(env_prefix=instance_env_prefix(instance)), "__module__": cls.__module__},
+        )
+    return _INSTANCE_CLASSES[key]  # type: ignore[return-value]
 
 
 class FetchSettings(_LayeredSettings):

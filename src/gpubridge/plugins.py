@@ -213,10 +213,28 @@ class PluginRegistry:
         return spec
 
     def create_runner(self, name: str, settings: Settings | None = None, **options: Any) -> WorkflowRunner:
-        from .config import Settings
+        """The runner of provider instance ``name``: a ``[providers.NAME]`` table with a ``type`` is an
+        instance of that provider type (its own settings, named ``NAME`` in health, breakers, attempts
+        and metrics); without one, ``NAME`` is the type."""
+        from .config import BUILDING_INSTANCE, Settings
 
-        spec = self.get_provider(name)
-        return spec.factory(settings or Settings.load(), **options)
+        settings = settings or Settings.load()
+        kind = settings.provider_type(name)
+        try:
+            spec = self.get_provider(kind)
+        except ProviderNotFound as exc:
+            if kind != name:
+                raise ProviderNotFound(f"Provider {name!r} has type {kind!r}: {exc}") from None
+            raise
+        if kind == name:
+            return spec.factory(settings, **options)
+        token = BUILDING_INSTANCE.set(name)
+        try:
+            runner = spec.factory(settings, **{"name": name, **options})
+        finally:
+            BUILDING_INSTANCE.reset(token)
+        runner.name = name
+        return runner
 
     def call_commands(self, cli: Any) -> None:
         self._load()

@@ -40,6 +40,7 @@ PROBE = textwrap.dedent(
     gpu = m.ComfyUI._get_class_service_function().info()
     web = m.JobAPI._get_class_service_function().info()
     print(json.dumps({
+        "app": m.app.name,
         "attempts": attempts,
         "gpus": gpu.gpus,
         "max_inputs": gpu.concurrency_info.max_inputs,

@@ -154,9 +154,12 @@ class ShadowRunner(RunnerWrapper):
         comparator: Comparator = compare,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.time,
+        group: str | None = None,
     ):
         super().__init__(control)
         self.candidate = candidate
+        self.group = group
+        """A route's name: records' workflow keys read ``GROUP/KEY``, so each route is judged apart."""
         self.sink = sink
         self.timeout = timeout
         self.drain_timeout = drain_timeout
@@ -295,6 +298,8 @@ class ShadowRunner(RunnerWrapper):
         try:
             request = pair.request
             workflow = workflow_key(request)
+            if self.group:
+                workflow = f"{self.group}/{workflow}"
             budget = self._budget(request)
             noise = handle is not None and self.noise.decide(workflow)  # not when the control refused it
             cand_request = _derive(request, "candidate", new_id=False)

@@ -47,10 +47,12 @@ def build_stage_runner(
     *,
     sink: ShadowSink | None = None,
     rng: random.Random | None = None,
+    group: str | None = None,
 ) -> WorkflowRunner:
     """The runner for the configured stage. ``make_runner(name)`` builds one provider's runner.
 
-    ``sink`` overrides the SQLite file of ``[shadow_options] db``; ``rng`` overrides ``shadow_options.seed``.
+    ``sink`` overrides the SQLite file of ``[shadow_options] db``; ``rng`` overrides ``shadow_options.seed``;
+    ``group`` (a route's name) prefixes the records' workflow keys, so the report judges each route apart.
     """
     stage = resolve_stage(settings)
     control, candidate = settings.provider, settings.shadow
@@ -88,6 +90,7 @@ def build_stage_runner(
         drain_timeout=opts.drain_timeout,
         compare_workers=opts.compare_workers,
         rng=rng,
+        group=group,
     )
 
 
