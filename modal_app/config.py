@@ -17,13 +17,14 @@ import json
 import os
 import re
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import Field, ValidationError, field_validator, model_validator
-from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
+from gpubridge.config import ContextSource
 from gpubridge.errors import ConfigError
 
 __all__ = ["DEFAULT_PRICES", "DEPLOYMENTS_FILE", "ENV_PREFIX", "MODAL_APP_DIR", "AppConfig", "gpu_from_device",
@@ -37,18 +38,9 @@ REMOTE_TEMPLATES_DIR = "/root/workflows"
 DEPLOYMENTS_FILE = MODAL_APP_DIR / "deployments.toml"
 """One ``[deployments.NAME]`` table per Modal app this codebase deploys (see the module docstring)."""
 
-_DEPLOYMENT_LAYER: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("gpubridge_app_deployment",
-                                                                                    default={})
-
-
-class _DeploymentLayer(PydanticBaseSettingsSource):
-    """The selected deployment's table: below the environment, above the defaults."""
-
-    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover
-        return None, field_name, False
-
-    def __call__(self) -> dict[str, Any]:
-        return dict(_DEPLOYMENT_LAYER.get())
+_DEPLOYMENT_LAYER: contextvars.ContextVar[Mapping[str, Any]] = contextvars.ContextVar("gpubridge_app_deployment",
+                                                                                       default={})
+"""The selected deployment's table, set by :func:`load_config`: below the environment, above the defaults."""
 
 
 def load_deployments(path: Path = DEPLOYMENTS_FILE) -> dict[str, dict[str, Any]]:
@@ -177,7 +169,7 @@ class AppConfig(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, _DeploymentLayer(settings_cls))
+        return (init_settings, env_settings, ContextSource(settings_cls, _DEPLOYMENT_LAYER))
 
     @field_validator("gpus", "comfy_args", "models", mode="before")
     @classmethod

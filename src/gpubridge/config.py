@@ -63,14 +63,19 @@ S = TypeVar("S", bound="_LayeredSettings")
 _FILE_LAYER: contextvars.ContextVar[Mapping[str, Any]] = contextvars.ContextVar("gpubridge_file_layer", default={})
 
 
-class _FileLayer(PydanticBaseSettingsSource):
-    """The TOML values for the model being built (set by ``load`` through a context variable)."""
+class ContextSource(PydanticBaseSettingsSource):
+    """A settings layer whose values come from a context variable, set around the model's construction: the
+    TOML table here (below the environment), a deployment's table in ``modal_app.config``."""
+
+    def __init__(self, settings_cls: type[BaseSettings], var: contextvars.ContextVar[Mapping[str, Any]]):
+        super().__init__(settings_cls)
+        self.var = var
 
     def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover
         return None, field_name, False
 
     def __call__(self) -> dict[str, Any]:
-        return dict(_FILE_LAYER.get())
+        return dict(self.var.get())
 
 
 class _LayeredSettings(BaseSettings):
@@ -85,7 +90,7 @@ class _LayeredSettings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, _FileLayer(settings_cls))
+        return (init_settings, env_settings, ContextSource(settings_cls, _FILE_LAYER))
 
     @classmethod
     def _build(cls: type[S], file_values: Mapping[str, Any], overrides: Mapping[str, Any], where: str) -> S:
