@@ -25,10 +25,12 @@ output block with nothing to check fails the collection, so no block can be left
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -265,10 +267,20 @@ def run_block(block: Block, url: str, cwd: Path) -> subprocess.CompletedProcess[
         argv = [sys.executable, "docs_block.py"]
     else:
         argv = ["bash", "-e", "-o", "pipefail", "-c", code]
-    # one stream, as a terminal shows it (both unbuffered, so in the order written)
-    return subprocess.run(argv, check=False, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
-                          stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, timeout=BLOCK_TIMEOUT)
+    # One stream, as a terminal shows it (both unbuffered, so in the order written). The block runs in a
+    # session of its own, ended as a whole afterwards: nothing it started (a server, a `&` job) outlives it.
+    proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=BLOCK_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        return subprocess.CompletedProcess(argv, -9, f"{out}\n(killed after {BLOCK_TIMEOUT} s)")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    return subprocess.CompletedProcess(argv, proc.returncode, out)
 
 
 @pytest.mark.parametrize("block", BLOCKS, ids=[b.id for b in BLOCKS])
