@@ -25,8 +25,9 @@ Sections (``--only`` takes their names):
 
 Every server (ComfyUI double, Modal job API, RunPod endpoint double) runs in a process of its own, so this
 process's CPU time is the client's. ``--comfy-url`` points ``overhead`` and ``paths`` at a running ComfyUI
-(the other sections need the double's fault injection). ``--quick`` runs smaller sizes (under a minute on
-2 cores). Each section is also runnable alone: ``python -m bench.<section> [--quick]``.
+(the other sections need the double's fault injection). ``--quick`` runs smaller sizes (about 100 s on 2
+busy cores); rows whose few samples cannot resolve their bound (shadow and gateway p50)
+report there without gating and gate the full run. Each section is also runnable alone: ``python -m bench.<section> [--quick]``.
 """
 
 from __future__ import annotations

@@ -48,41 +48,43 @@ def _positive(text: str) -> float:
     return value
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """``python -m modal_app.serve``'s options; each help names its default (never a token's value)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m modal_app.serve",
+        description="Serve the job API (the one the Modal deployment serves) with uvicorn, in front of a "
+        "ComfyUI you run (the in-process backend).",
+    )
+    add = parser.add_argument
+    add("--comfy-url", default=None,
+        help="the ComfyUI to run jobs on (default: $GPUBRIDGE_COMFY_URL, else http://127.0.0.1:8188)")
+    add("--host", default="127.0.0.1", help="interface to listen on (default: 127.0.0.1)")
+    add("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+    add("--token", default=None, help="bearer token(s), comma-separated (default: $GPUBRIDGE_API_TOKEN)")
+    add("--allow-anonymous", action="store_true", help="serve without auth (loopback only!)")
+    add("--gpu", default=None, help="GPU type for cost estimates, e.g. L40S (default: none, no cost)")
+    add("--retention", type=_positive, default=3600.0,
+        help="seconds a finished job's result is kept (default: 3600)")
+    add("--max-active", type=int, default=None,
+        help="queued + running jobs at once, then 429 (default: no limit)")
+    add("--result-dir", default=None, help="where finished results wait to be fetched (default: a temp dir)")
+    add("--max-result-mb", type=_positive, default=2048.0,
+        help="MB of results kept on disk; the oldest go first (default: 2048)")
+    add("--max-timeout", type=_positive, default=None,
+        help="longest timeout a job may ask for, in s (default: 86400)")
+    add("--public-docs", action="store_true", help="serve /docs and /openapi.json without auth")
+    add("--templates", default=None,
+        help="workflow template folder (default: $GPUBRIDGE_TEMPLATES, else the repository's workflows/)")
+    return parser
+
+
 def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
-    parser = argparse.ArgumentParser(prog="python -m modal_app.serve", description=__doc__.splitlines()[0])
-    parser.add_argument("--comfy-url", default=os.environ.get("GPUBRIDGE_COMFY_URL", "http://127.0.0.1:8188"))
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument(
-        "--token",
-        default=os.environ.get("GPUBRIDGE_API_TOKEN"),
-        help="bearer token(s), comma-separated (default: $GPUBRIDGE_API_TOKEN)",
-    )
-    parser.add_argument("--allow-anonymous", action="store_true", help="serve without auth (loopback only!)")
-    parser.add_argument("--gpu", default=None, help="GPU type for cost estimates, e.g. L40S")
-    parser.add_argument(
-        "--retention", type=_positive, default=3600.0, help="seconds a finished job's result is kept"
-    )
-    parser.add_argument(
-        "--max-active", type=int, default=None, help="queued + running jobs at once (then 429)"
-    )
-    parser.add_argument(
-        "--result-dir", default=None, help="where finished results wait to be fetched (default: a temp dir)"
-    )
-    parser.add_argument(
-        "--max-result-mb", type=_positive, default=2048.0, help="results kept on disk; the oldest go first"
-    )
-    parser.add_argument("--max-timeout", type=_positive, default=None, help="cap on a job's timeout (s)")
-    parser.add_argument(
-        "--public-docs", action="store_true", help="serve /docs and /openapi.json without auth"
-    )
-    parser.add_argument(
-        "--templates", default=None,
-        help="workflow template folder (default: $GPUBRIDGE_TEMPLATES, else the repository's workflows/)",
-    )
+    parser = build_parser()
     args = parser.parse_args(argv)
+    args.comfy_url = args.comfy_url or os.environ.get("GPUBRIDGE_COMFY_URL", "http://127.0.0.1:8188")
+    args.token = args.token or os.environ.get("GPUBRIDGE_API_TOKEN")
     backend_options: dict[str, Any] = {
         "retention": args.retention,
         "max_active": args.max_active,

@@ -61,3 +61,10 @@ def test_gateway_smallest() -> None:
     check_rows(rows, "gateway")
     assert rows[0].data["gateway"]["n"] == rows[0].data["in-process"]["n"] == 4
     assert rows[1].data["n"] == 24 and rows[1].data["cpu_per_job_s"] > 0
+    assert rows[0].result == "info" and "full run" in rows[0].bound  # too few samples to gate +2 ms
+
+
+def test_a_row_reports_without_gating_when_asked() -> None:
+    from bench._harness import verdict
+
+    assert (verdict(True), verdict(False), verdict(False, gate=False)) == ("pass", "FAIL", "info")

@@ -67,3 +67,26 @@ def test_unknown_provider_and_bad_resilience(in_tmp, monkeypatch):
     (in_tmp / "gpubridge.toml").write_text("[resilience]\nmax_attempts = 0\n")
     with pytest.raises(ConfigError, match="resilience"):
         connect("local")
+
+
+@pytest.mark.parametrize("toml, env", [
+    ("", {"GPUBRIDGE_QUEUE_TIMEOUT": "60"}),   # queue_timeout alone: nothing to reroute to
+    ("[resilience]\nmax_attempts = 3\n", {}),  # resilience without fallbacks: one provider behind a breaker
+])
+async def test_one_provider_keeps_its_health_shape(in_tmp, monkeypatch, toml, env):
+    """Issue 25, item 10: settings that wrap a lone provider must not change what `health --json` shows
+    (it gained components/order and lost details.url)."""
+    from gpubridge.testing import ComfyDouble
+
+    (in_tmp / "gpubridge.toml").write_text(toml)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    async with ComfyDouble() as comfy:
+        async with connect("local", url=comfy.url) as plain_runner:
+            plain = await plain_runner.health()
+        async with connect("local", url=comfy.url, settings=Settings.load()) as runner:
+            report = await runner.health()
+    assert report.ok and report.provider == plain.provider == "local"
+    assert report.details["url"] == comfy.url and report.version == plain.version
+    assert "components" not in report.details and "order" not in report.details
+    assert set(plain.details) <= set(report.details) <= set(plain.details) | {"circuit"}

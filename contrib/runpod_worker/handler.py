@@ -71,6 +71,7 @@ from gpubridge.server.runpod_shapes import (
     file_entry,
     output_of,
     parse_input,
+    quiet_runpod_sdk_logs,
     worker_comfyui_failure,
 )
 
@@ -498,10 +499,16 @@ def _smaller(a: float | None, b: float | None) -> float | None:
 
 
 def send_progress(job: dict[str, Any], payload: Any) -> None:
-    """``runpod.serverless.progress_update``, looked up at call time (the endpoint double routes it)."""
+    """``runpod.serverless.progress_update``, looked up at call time (the endpoint double routes it). Off
+    RunPod (``--test_input``, ``--rp_serve_api``) the SDK has nowhere to post it and logs "Failed to return
+    job results" per update, so then it is not sent."""
     try:
         import runpod.serverless
     except ImportError:  # pragma: no cover - runpod is installed in the worker image
+        return
+    update = runpod.serverless.progress_update
+    if not os.environ.get("RUNPOD_WEBHOOK_POST_OUTPUT") and getattr(update, "__module__", "").startswith(
+            "runpod."):
         return
     try:
         runpod.serverless.progress_update(job, payload)
@@ -588,6 +595,7 @@ def get_worker() -> Worker:
 def configure(**overrides: Any) -> Worker:
     """Replace the process's worker with one built from the environment plus ``overrides`` (tests)."""
     global _WORKER
+    quiet_runpod_sdk_logs()
     _WORKER = Worker(replace(WorkerConfig.from_env(), **overrides))
     return _WORKER
 
@@ -617,5 +625,6 @@ async def handler(job: dict[str, Any]) -> dict[str, Any]:
 if __name__ == "__main__":  # pragma: no cover - the container's entry point
     import runpod
 
+    quiet_runpod_sdk_logs()
     init()
     runpod.serverless.start({"handler": handler})

@@ -132,6 +132,14 @@ def _positive_seconds(value: float | None) -> float | None:
     return value
 
 
+SetOpt = Annotated[list[str], typer.Option("--set", "-s", help="NODE.input=VALUE (node id, title or class); "
+                                          "VALUE is parsed as JSON when it can be.")]
+InputOpt = Annotated[list[str], typer.Option("--input", "-i", help="NAME=PATH: an input file LoadImage refers to "
+                                             "as NAME.")]
+DeadlineOpt = Annotated[float | None, typer.Option("--timeout", "-t", help="Job deadline in seconds.",
+                                                   callback=_positive_seconds)]
+
+
 def _runner(provider: str | None, config: Path | None, url: str | None):
     from .connect import connect
 
@@ -232,13 +240,10 @@ def _result_table(result: JobResult, saved: list[Path] | None) -> Table:
 def run(
     workflow: Annotated[Path, typer.Argument(help="API-format workflow JSON (ComfyUI: Export (API)).")],
     provider: ProviderOpt = None,
-    set_: Annotated[list[str], typer.Option("--set", "-s", help="NODE.input=VALUE (node id, title or class); "
-                                            "VALUE is parsed as JSON when it can be.")] = [],  # noqa: B006
-    input_: Annotated[list[str], typer.Option("--input", "-i", help="NAME=PATH: an input file LoadImage "
-                                              "refers to as NAME.")] = [],  # noqa: B006
+    set_: SetOpt = [],  # noqa: B006
+    input_: InputOpt = [],  # noqa: B006
     out_dir: Annotated[Path | None, typer.Option("--out", "-o", help="Write artifacts to this folder.")] = None,
-    timeout: Annotated[float | None, typer.Option("--timeout", "-t", help="Job deadline in seconds.",
-                                                  callback=_positive_seconds)] = None,
+    timeout: DeadlineOpt = None,
     as_json: JsonOpt = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No live progress.")] = False,
     config: ConfigOpt = None,
@@ -300,9 +305,9 @@ def run_job(
 def submit(
     workflow: Annotated[Path, typer.Argument(help="API-format workflow JSON.")],
     provider: ProviderOpt = None,
-    set_: Annotated[list[str], typer.Option("--set", "-s", help="NODE.input=VALUE")] = [],  # noqa: B006
-    input_: Annotated[list[str], typer.Option("--input", "-i", help="NAME=PATH")] = [],  # noqa: B006
-    timeout: Annotated[float | None, typer.Option("--timeout", "-t", callback=_positive_seconds)] = None,
+    set_: SetOpt = [],  # noqa: B006
+    input_: InputOpt = [],  # noqa: B006
+    timeout: DeadlineOpt = None,
     as_json: JsonOpt = False,
     config: ConfigOpt = None,
     url: UrlOpt = None,
@@ -549,21 +554,19 @@ def providers(as_json: JsonOpt = False, config: ConfigOpt = None) -> None:
         out.print(bad)
 
 
-@testing_app.command("comfy")
-def testing_comfy(
-    host: Annotated[str, typer.Option(help="Interface to listen on (loopback by default).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port (0 picks a free one).")] = 8188,
-    root: Annotated[Path | None, typer.Option(help="Folder for input/, output/ and temp/ (default: a temp dir).")]
-    = None,
-    node_delay: Annotated[float, typer.Option(help="Seconds each node takes (slow execution).")] = 0.0,
-) -> None:
-    """Serve the ComfyUI test double (ComfyUI's HTTP and websocket API, placeholder outputs)."""
+@testing_app.command(
+    "comfy", add_help_option=False,
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
+)
+def testing_comfy(ctx: typer.Context) -> None:
+    """Serve the ComfyUI test double (ComfyUI's HTTP and websocket API, placeholder outputs, faults).
+    The options are python -m gpubridge.testing.comfy's: see --help."""
     try:
-        from .testing import serve
+        from .testing.comfy._serve import main as serve_main
     except ImportError as exc:  # aiohttp/pillow missing
         err.print(f"The test double needs the 'testing' extra: pip install 'gpubridge[testing]' ({exc})")
         raise typer.Exit(2) from None
-    serve(host=host, port=port, root=root, node_delay=node_delay)
+    raise typer.Exit(serve_main(ctx.args, prog="gpubridge testing comfy"))
 
 
 def main(argv: list[str] | None = None) -> None:

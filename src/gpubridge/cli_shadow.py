@@ -66,10 +66,12 @@ def report(
         "--db", help="SQLite file (default: the db of the \\[shadow_options] table).")]
     = None,
     check: Annotated[bool, typer.Option("--check", help="Exit 1 unless the verdict is go.")] = False,
-    control: Annotated[str | None, typer.Option("--control", help="Control provider to judge (default: "
-                                                "that of the latest record).")] = None,
-    candidate: Annotated[str | None, typer.Option("--candidate", help="Candidate provider to judge "
-                                                  "(default: that of the latest record).")] = None,
+    control: Annotated[str | None, typer.Option("--control", help="Control provider to judge (default: the "
+                                                "configured provider when no record names one, else that of "
+                                                "the latest record).")] = None,
+    candidate: Annotated[str | None, typer.Option("--candidate", help="Candidate provider to judge (default: "
+                                                  "the configured shadow when no record names one, else that "
+                                                  "of the latest record).")] = None,
     config: Annotated[Path | None, typer.Option("--config", help="TOML config file.")] = None,
 ) -> None:
     """Figures per workflow and overall, and the go/no-go verdict, from the shadow records."""
@@ -94,7 +96,7 @@ def report(
         _err.print(f"[bold red]error[/]: {exc}")
         raise typer.Exit(2) from None
     rep = build_report(records, settings.shadow_options, since=start, until=until, control=control,
-                       candidate=candidate)
+                       candidate=candidate, configured=(settings.provider, settings.shadow))
     if not records:
         _err.print(f"no shadow records in {path}" + (f" since {since}" if since else ""))
     if format is Format.table:
@@ -102,7 +104,7 @@ def report(
             with out.open("w", encoding="utf-8") as fh:
                 Console(file=fh, width=160, highlight=False).print(render_table(rep))
         else:
-            _out.print(render_table(rep))
+            _out.print(render_table(rep, width=_out.width))
     else:
         text = render_json(rep) if format is Format.json else render_html(rep)
         if out:

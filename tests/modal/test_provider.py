@@ -259,6 +259,11 @@ def test_settings_errors(monkeypatch, in_tmp):
     with pytest.raises(ConfigError, match="GPUBRIDGE_MODAL_SECRET") as info:
         get_registry().create_runner("modal", Settings.load())
     assert KEY not in str(info.value)
+    monkeypatch.delenv("GPUBRIDGE_MODAL_KEY")
+    with pytest.raises(ConfigError, match="GPUBRIDGE_MODAL_TOKEN"):  # not a 401 at the first request (issue 25)
+        get_registry().create_runner("modal", Settings.load())
+    monkeypatch.setenv("GPUBRIDGE_MODAL_URL", "http://127.0.0.1:8000")  # serve --allow-anonymous, on loopback
+    assert isinstance(get_registry().create_runner("modal", Settings.load()), ModalRunner)
     with pytest.raises(ConfigError, match="long_poll"):
         ModalSettings.from_settings(Settings.load(), long_poll=500)
 

@@ -158,3 +158,47 @@ async def test_a_dead_comfyui_names_the_setting_the_worker_reads(worker_module, 
     out = await worker_module.handler(job({"workflow": INVERT}))
     assert out["refresh_worker"] is True and "point COMFY_URL at a running server" in out["error"]
     assert "GPUBRIDGE_COMFY_URL" not in out["error"]  # the worker does not read that one (issue 25, item 3)
+
+
+def test_progress_is_not_posted_off_runpod(worker_module, monkeypatch):
+    """`handler.py --test_input` printed "Failed to return job results" per progress update: off RunPod the
+    SDK has no URL to post it to (issue 25)."""
+    import runpod.serverless
+
+    posted = []
+
+    def sdk_progress_update(job, progress):
+        posted.append(progress)
+
+    sdk_progress_update.__module__ = "runpod.serverless.modules.rp_progress"  # the SDK's own function
+    monkeypatch.setattr(runpod.serverless, "progress_update", sdk_progress_update)
+    monkeypatch.delenv("RUNPOD_WEBHOOK_POST_OUTPUT", raising=False)
+    worker_module.send_progress({"id": "local_test"}, {"progress": {"node_id": "3"}})
+    assert posted == []
+    monkeypatch.setenv("RUNPOD_WEBHOOK_POST_OUTPUT", "https://api.runpod.ai/v2/x/job-done/$ID?gpu=1")
+    worker_module.send_progress({"id": "job-1"}, {"progress": {"node_id": "3"}})
+    assert posted == [{"progress": {"node_id": "3"}}]
+
+
+def test_the_sdk_logs_at_info_unless_asked(worker_module, configure, monkeypatch):
+    """At the SDK's default (DEBUG) every job's whole output, base64 and all, went to the log; its import
+    made httpx log every request (issue 25)."""
+    import logging
+
+    from runpod.serverless.modules.rp_logger import RunPodLogger
+
+    httpx_logger = logging.getLogger("httpx")
+    before = httpx_logger.level
+    monkeypatch.delenv("RUNPOD_LOG_LEVEL", raising=False)
+    monkeypatch.delenv("RUNPOD_DEBUG_LEVEL", raising=False)
+    monkeypatch.setattr(RunPodLogger, "level", "DEBUG")
+    httpx_logger.setLevel(logging.NOTSET)
+    try:
+        configure(comfy_url=f"http://127.0.0.1:{free_port()}")
+        assert RunPodLogger.level == "INFO" and httpx_logger.level == logging.WARNING
+        monkeypatch.setattr(RunPodLogger, "level", "DEBUG")
+        monkeypatch.setenv("RUNPOD_LOG_LEVEL", "DEBUG")  # an operator's choice stands
+        configure(comfy_url=f"http://127.0.0.1:{free_port()}")
+        assert RunPodLogger.level == "DEBUG"
+    finally:
+        httpx_logger.setLevel(before)

@@ -167,3 +167,23 @@ def test_renderers():
     text = console.export_text()
     assert "wf-a" in text and "(all)" in text and "verdict: insufficient-data" in text
     assert "40.0% (2/5)" in text
+
+
+def test_an_80_column_table_cuts_nothing_off():
+    """Issue 25: in 80 columns the wide table truncated every header and cell ("wor…", "ins…")."""
+    from rich.console import Console
+
+    rep = build_report(fixture(), OPTIONS)
+    console = Console(width=80, record=True)
+    console.print(render_table(rep, width=console.width))
+    text = console.export_text()
+    assert "…" not in text
+    assert all(len(line) <= 80 for line in text.splitlines() if not line.startswith("  "))
+    assert "wf-a" in text and "40.0% (2/5)" in text and "verdict: insufficient-data" in text
+    assert "mismatch_rate: " in text and "success_rate_drop: " in text
+
+
+def test_with_no_records_the_report_names_the_configured_pair():
+    rep = build_report([], OPTIONS, configured=("runpod", "modal"))
+    assert (rep.control, rep.candidate) == (["runpod"], ["modal"])
+    assert build_report(fixture(), OPTIONS, configured=("x", "y")).control != ["x"]  # records name their pair

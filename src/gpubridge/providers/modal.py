@@ -222,6 +222,19 @@ def _retry_after(resp: httpx.Response) -> float | None:
 # ------------------------------------------------------------------------------------------- runner
 
 
+def _loopback(url: str) -> bool:
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    host = (urlsplit(url).hostname or "").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class ModalRunner(WorkflowRunner):
     """Runs jobs through gpubridge's job API on Modal (or anything serving ``gpubridge.server``)."""
 
@@ -247,8 +260,16 @@ class ModalRunner(WorkflowRunner):
         key_v, secret_v = _reveal(key), _reveal(secret)
         if bool(key_v) != bool(secret_v):
             raise ConfigError("Modal proxy auth needs both GPUBRIDGE_MODAL_KEY and GPUBRIDGE_MODAL_SECRET.")
-        headers = {"User-Agent": "gpubridge", "Accept": "application/json"}
         token_v = _reveal(token)
+        if not token_v and not key_v and not _loopback(url):
+            # The job API refuses anonymous callers except on loopback (serve --allow-anonymous): say so
+            # now, not as a 401 at the first request.
+            raise ConfigError(
+                "The modal provider needs credentials for a job API that is not on this machine: set "
+                "GPUBRIDGE_MODAL_TOKEN (the deployment's GPUBRIDGE_API_TOKEN), or GPUBRIDGE_MODAL_KEY and "
+                "GPUBRIDGE_MODAL_SECRET for Modal proxy auth."
+            )
+        headers = {"User-Agent": "gpubridge", "Accept": "application/json"}
         if token_v:
             headers["Authorization"] = f"Bearer {token_v}"
         if key_v and secret_v:

@@ -714,6 +714,16 @@ class FailoverRunner(WorkflowRunner):
         served_by = next(
             (n for n in names if reports[n].ok and self.breakers[n].state is not CircuitState.OPEN), None
         )
+        if len(names) == 1:
+            # One provider (resilience settings but no fallbacks): its own report, so `health --json` keeps
+            # the provider's shape (details.url, version, queue depth); an open circuit makes it unhealthy.
+            report = reports[names[0]].model_copy(deep=True)
+            report.provider = self.name
+            if not primary_ok and report.ok:
+                report.state = HealthState.UNHEALTHY
+                report.message = f"{names[0]}'s circuit is open"
+            report.details["circuit"] = self.breakers[names[0]].state.value
+            return report
         return HealthReport(
             provider=self.name,
             state=state,

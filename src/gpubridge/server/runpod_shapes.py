@@ -16,7 +16,9 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import logging
 import mimetypes
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +29,7 @@ from gpubridge.models import Artifact, ArtifactKind, InputFile, JobResult, JobSt
 
 __all__ = [
     "GPUBRIDGE_VERSION", "InputError", "JobInput", "parse_input", "decode_image", "KIND_KEY", "ext", "file_entry", "output_of",
-    "failure_of", "worker_comfyui_failure", "RUNPOD_STATES",
+    "failure_of", "worker_comfyui_failure", "RUNPOD_STATES", "quiet_runpod_sdk_logs",
 ]
 
 try:
@@ -301,3 +303,21 @@ def failure_of(error: Mapping[str, Any]) -> dict[str, Any]:
     if kind in ("ProviderUnavailable", "WorkerLost") or error.get("retryable"):
         details["worker_failure"] = True
     return worker_comfyui_failure(message, details)
+
+
+def quiet_runpod_sdk_logs() -> None:
+    """Keep the runpod SDK's logging to what an operator needs. The SDK prints at DEBUG unless told
+    otherwise (every job's whole output, base64 images included), and importing it configures the root
+    logger at INFO, so httpx then logs every HTTP request. This sets the SDK's logger to INFO unless
+    ``RUNPOD_LOG_LEVEL``/``RUNPOD_DEBUG_LEVEL`` choose a level, and httpx/httpcore to WARNING unless the
+    application set them. Does nothing without the SDK."""
+    try:
+        from runpod.serverless.modules.rp_logger import RunPodLogger
+    except ImportError:
+        return
+    if not (os.environ.get("RUNPOD_LOG_LEVEL") or os.environ.get("RUNPOD_DEBUG_LEVEL")):
+        RunPodLogger.level = "INFO"  # the class attribute its singleton reads; set_level() would log a line
+    for name in ("httpx", "httpcore"):
+        logger = logging.getLogger(name)
+        if logger.level == logging.NOTSET:
+            logger.setLevel(logging.WARNING)

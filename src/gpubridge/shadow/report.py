@@ -465,15 +465,19 @@ def build_report(
     until: float | None = None,
     control: str | None = None,
     candidate: str | None = None,
+    configured: tuple[str | None, str | None] = (None, None),
 ) -> ShadowReport:
     """Aggregate records of one (control, candidate) pair into a :class:`ShadowReport` (see the module
-    docstring; thresholds and noise settings from ``options``)."""
+    docstring; thresholds and noise settings from ``options``). ``configured`` (the configured provider
+    and shadow) names the pair when no record does."""
     options = options or ShadowOptions()
     t = options.thresholds
     records = sorted(records, key=lambda r: r.created_at)
     available = Counter(_pair_name(r.control.provider, r.candidate.provider)
                         for r in records if r.kind == "candidate")
     control, candidate = select_pair(records, control, candidate)
+    control = control if control is not None else configured[0]
+    candidate = candidate if candidate is not None else configured[1]
     candidates = [r for r in records if r.kind == "candidate" and r.control.provider == control
                   and r.candidate.provider == candidate]
     noise_by_wf: dict[str, list[Comparison]] = defaultdict(list)
@@ -621,14 +625,20 @@ def _when(ts: float | None) -> str:
     return "-" if ts is None else datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
-def render_table(report: ShadowReport):
-    """A rich renderable: the figures table and the verdict."""
+WIDE_TABLE = 150  # columns the one-row-per-workflow table needs; narrower consoles get one block per workflow
+
+
+def render_table(report: ShadowReport, width: int | None = None):
+    """A rich renderable: the figures table and the verdict. On a console narrower than ``WIDE_TABLE``
+    columns (an 80-column terminal) each workflow gets a block of its own, so no figure is cut off."""
     from rich.console import Group
     from rich.table import Table
     from rich.text import Text
 
     title = (f"shadow report: {', '.join(report.control) or '?'} (control) vs "
              f"{', '.join(report.candidate) or '?'} (candidate), since {_when(report.since)}")
+    if width is not None and width < WIDE_TABLE:
+        return _render_narrow(report, title)
     table = Table(title=title, title_justify="left")
     for h in _HEADERS:
         table.add_column(h, justify="left" if h in ("workflow", "verdict") else "right")
@@ -645,6 +655,42 @@ def render_table(report: ShadowReport):
     needed = "" if report.pairs_needed is None else f" (about {report.pairs_needed} more pairs needed)"
     verdict = Text.from_markup(f"verdict: [bold {_COLOURS[report.verdict]}]{report.verdict.value}[/]{needed}")
     parts: list[Any] = [table, crit, verdict]
+    parts.extend(Text(f"  - {reason}") for reason in report.reasons)
+    return Group(*parts)
+
+
+def _render_narrow(report: ShadowReport, title: str):
+    from rich import box
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    control = ", ".join(report.control) or "control"
+    candidate = ", ".join(report.candidate) or "candidate"
+    parts: list[Any] = [Text(title)]
+    for g, cells in _rows(report):
+        colour = _COLOURS[g.verdict]
+        figures = Table(box=box.SIMPLE_HEAD, title_justify="left", title=Text.from_markup(
+            f"[bold]{g.workflow}[/]: {g.samples} pairs, [{colour}]{g.verdict.value}[/]"))
+        figures.add_column("", overflow="fold")
+        figures.add_column(control, justify="right", overflow="fold")
+        figures.add_column(candidate, justify="right", overflow="fold")
+        for label, cell in zip(("success", "p50 total", "p95 total", "$/image"), cells[2:6], strict=True):
+            ctl, _, cand = cell.partition(" / ")
+            figures.add_row(label, ctl, cand)
+        rest = ("noise floor (bits)", "mismatch", "not compared", "pairs needed")
+        for label, cell in zip(rest, cells[6:10], strict=True):
+            figures.add_row(label, cell, "")
+        parts.append(figures)
+        for c, crit in ((c, cells) for g2, c, cells in _criteria_rows(report) if g2 is g):
+            needed = f", pairs needed {crit[6]}" if crit[6] != "-" else ""
+            parts.append(Text.from_markup(
+                f"  {c.name}: [{_COLOURS[c.verdict]}]{c.verdict.value}[/]; estimate {crit[2]}, "
+                f"one-sided bounds {crit[3]}, limit {crit[4]}, pairs judged {crit[5]}{needed}"))
+        parts.append(Text(""))
+    needed = "" if report.pairs_needed is None else f" (about {report.pairs_needed} more pairs needed)"
+    colour = _COLOURS[report.verdict]
+    parts.append(Text.from_markup(f"verdict: [bold {colour}]{report.verdict.value}[/]{needed}"))
     parts.extend(Text(f"  - {reason}") for reason in report.reasons)
     return Group(*parts)
 

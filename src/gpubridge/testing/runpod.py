@@ -63,6 +63,8 @@ from typing import Any
 
 from aiohttp import web
 
+from ..server.runpod_shapes import quiet_runpod_sdk_logs
+
 __all__ = ["RunPodEndpointDouble", "WorkerCrashed", "TERMINAL", "RUNPOD_RATE_LIMITS"]
 
 TERMINAL = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"})
@@ -156,6 +158,7 @@ def _install_progress_route() -> None:
         _PATCH_USERS += 1
         if _PATCH_USERS > 1:
             return
+        quiet_runpod_sdk_logs()  # the SDK's job runner logs each job's whole output at DEBUG
         try:
             import runpod.serverless as rs
             import runpod.serverless.modules.rp_progress as rpp

@@ -78,42 +78,46 @@ def serve(
     )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser(prog: str = "python -m gpubridge.testing.comfy") -> argparse.ArgumentParser:
+    """The double's command-line options: the one definition behind ``python -m gpubridge.testing.comfy``
+    and ``gpubridge testing comfy`` (docs/testing.md's table is checked against it)."""
     parser = argparse.ArgumentParser(
-        prog="python -m gpubridge.testing.comfy",
+        prog=prog,
         description="A ComfyUI 0.3.64 test double: ComfyUI's HTTP and websocket API, placeholder outputs, "
-        "fault injection at POST /gpubridge/faults.",
+        "fault injection at POST /gpubridge/faults. Prints its URL once it answers.",
     )
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8188, help="0 picks a free port (default 8188)")
-    parser.add_argument("--root", default=None, help="folder for input/ output/ temp/ (default: a temp dir)")
-    parser.add_argument("--node-delay", type=float, default=0.0, help="seconds per executed node")
-    parser.add_argument("--step-delay", type=float, default=0.0, help="seconds per sampler step")
-    parser.add_argument(
-        "--delay",
-        action="append",
-        default=[],
-        metavar="CLASS_OR_ID=SECONDS",
-        help="per class_type or node id node delay (repeatable)",
-    )
-    parser.add_argument(
-        "--model-files",
-        default=None,
-        help='JSON object of model files per folder, e.g. \'{"checkpoints": ["a.safetensors"]}\'',
-    )
-    parser.add_argument(
-        "--faults", default=None, help="JSON object of initial faults (as POST /gpubridge/faults)"
-    )
-    parser.add_argument("--no-cache", action="store_true", help="disable the node output cache")
-    parser.add_argument("--previews", action="store_true", help="send a preview image per sampler step")
+    add = parser.add_argument
+    add("--host", default="127.0.0.1", help="interface to listen on (default: 127.0.0.1, loopback)")
+    add("--port", type=int, default=8188, help="port; 0 picks a free one (default: 8188)")
+    add("--root", default=None, help="folder for input/, output/ and temp/ (default: a temp dir)")
+    add("--node-delay", type=float, default=0.0, help="seconds each executed node takes (default: 0)")
+    add("--step-delay", type=float, default=0.0, help="seconds per sampler step (default: 0)")
+    add("--delay", action="append", default=[], metavar="CLASS_OR_ID=SECONDS",
+        help="the delay of one class_type or node id (repeatable)")
+    add("--model-files", default=None, metavar="JSON",
+        help='model files per folder, e.g. \'{"checkpoints": ["a.safetensors"]}\' '
+        "(default: a Flux/SDXL/SD1.5 set)")
+    add("--faults", default=None, metavar="JSON", help="initial faults, as POST /gpubridge/faults takes them")
+    add("--no-cache", action="store_true", help="run every node each time (ComfyUI caches unchanged outputs)")
+    add("--previews", action="store_true", help="send a preview image per sampler step")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "python -m gpubridge.testing.comfy") -> int:
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     faults = Faults(node_delay=args.node_delay, step_delay=args.step_delay)
-    for item in args.delay:
-        name, _, seconds = item.partition("=")
-        faults.delays[name] = float(seconds)
-    if args.faults:
-        faults.update(json.loads(args.faults))
-    model_files = json.loads(args.model_files) if args.model_files else None
+    try:
+        for item in args.delay:
+            name, sep, seconds = item.partition("=")
+            if not sep:
+                raise ValueError(f"--delay takes CLASS_OR_ID=SECONDS, got {item!r}")
+            faults.delays[name] = float(seconds)
+        if args.faults:
+            faults.update(json.loads(args.faults))
+        model_files = json.loads(args.model_files) if args.model_files else None
+    except ValueError as exc:  # json.JSONDecodeError included
+        parser.error(str(exc))
     try:
         serve(
             args.host,
