@@ -49,6 +49,43 @@ async def test_event_stream_wakes_waiting_subscribers():
     assert got == [EventType.STARTED, EventType.FAILED]
 
 
+async def test_recorded_events_are_built_when_read_with_the_time_they_were_recorded():
+    stream = EventStream()
+    stream.record(EventType.QUEUED, {"job_id": "j", "provider": "p"})
+    stream.record(EventType.PROGRESS, {"job_id": "j", "node_id": "3", "value": 2, "max": 4})
+    assert all(type(item) is tuple for item in stream._events)  # nothing built while nobody reads
+    recorded_at = stream._events[0][2]
+    stream.record(EventType.SUCCEEDED, {"job_id": "j", "provider": "p"})
+    assert stream.closed  # a recorded terminal event ends the stream as a published one does
+    stream.record(EventType.PROGRESS, {"job_id": "j"})  # after terminal: dropped
+    first = [e async for e in stream.subscribe()]
+    second = [e async for e in stream.subscribe()]
+    assert [e.type for e in first] == [EventType.QUEUED, EventType.PROGRESS, EventType.SUCCEEDED]
+    assert first[0].at == recorded_at and first[0].provider == "p"
+    assert first[1].value == 2.0 and isinstance(first[1].value, float)  # validated as JobEvent() validates
+    assert all(a is b for a, b in zip(first, second))  # built once, shared by every reader
+    assert stream.last() is first[-1]
+
+
+async def test_recorded_and_published_events_wake_a_waiting_subscriber_in_order():
+    stream = EventStream()
+    got: list[EventType] = []
+    ready = asyncio.Event()
+
+    async def follow() -> None:
+        ready.set()
+        async for e in stream.subscribe():
+            got.append(e.type)
+
+    task = asyncio.create_task(follow())
+    await ready.wait()
+    stream.record(EventType.STARTED, {"job_id": "j"})
+    stream.publish(ev(EventType.PROGRESS))
+    stream.record(EventType.FAILED, {"job_id": "j", "message": "boom"})
+    await task
+    assert got == [EventType.STARTED, EventType.PROGRESS, EventType.FAILED]
+
+
 async def test_event_stream_bounded_retention():
     stream = EventStream(maxlen=3)
     for _ in range(10):

@@ -197,6 +197,29 @@ async def test_crash_mid_job_fails_with_retryable_error(local, comfy):
     assert info.value.retryable and "went away" in str(info.value)
 
 
+async def test_a_job_nobody_follows_builds_no_event_objects_and_still_replays_them(local):
+    handle = await local.submit(JobRequest(workflow=INVERT))
+    job = local.client.job(handle.job_id)
+    await job.wait()
+    assert job.stream._events and all(type(item) is tuple for item in job.stream._events)  # recorded only
+    events = [e async for e in local.events(handle)]  # a late subscriber still gets every event, built now
+    types = [e.type for e in events]
+    assert types[0] is EventType.QUEUED and types[1] is EventType.STARTED and types[-1] is EventType.SUCCEEDED
+    assert all(e.job_id == handle.job_id and e.provider == "local" for e in events)
+    assert [e.at for e in events] == sorted(e.at for e in events)
+    await local.wait(handle)
+
+
+async def test_status_after_wait_of_a_success_is_answered_from_the_compact_record(local, comfy):
+    handle = await local.submit(JobRequest(workflow=INVERT))
+    result = await local.wait(handle)
+    assert local.client.job(handle.job_id) is None  # the record was dropped with the result delivered
+    comfy.history.clear()  # so ComfyUI cannot be what answers
+    status = await local.status(handle)
+    assert status.state is JobState.SUCCEEDED and status.error is None and status.job_id == handle.job_id
+    assert status.updated_at == result.timings.finished_at
+
+
 async def test_status_and_result_from_another_client(local, comfy):
     handle = await local.submit(JobRequest(workflow=INVERT))
     await local.wait(handle)

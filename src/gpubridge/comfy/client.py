@@ -228,7 +228,10 @@ class ComfyJob:
     # -- internal transitions (called by the client)
 
     def _emit(self, type: EventType, **fields: Any) -> None:
-        self.stream.publish(JobEvent(type=type, job_id=self.prompt_id, provider=self.client.provider, **fields))
+        # Recorded, not built: the JobEvent is made when a subscriber reads it (most jobs have none).
+        fields["job_id"] = self.prompt_id
+        fields["provider"] = self.client.provider
+        self.stream.record(type, fields)
 
     def _finish(self, state: JobState, message: str | None = None) -> None:
         if self.done.done():
@@ -410,7 +413,8 @@ class ComfyClient:
         self._ws: ClientConnection | None = None
         self._watcher: asyncio.Task[None] | None = None
         self._last_frame = 0.0  # loop time of the last websocket frame
-        self._settled: dict[str, JobStatus] = {}  # final status of forgotten jobs (bounded)
+        # Final status of forgotten jobs (bounded by max_retained): a JobStatus, or a success's finish time.
+        self._settled: dict[str, JobStatus | float] = {}
         self._reader: asyncio.Task[None] | None = None
         self._start_lock: asyncio.Lock | None = None
         self._jobs: dict[str, ComfyJob] = {}
@@ -547,23 +551,11 @@ class ComfyClient:
         """One of the request gate's slots (nothing to wait for when the caller brought its own client)."""
         if self._gate is None:
             return contextlib.nullcontext()
-        return self._gate.slot(provider=self.provider, what=f"ComfyUI at {self.url} on {method} {path}")
+        return self._gate.slot(provider=self.provider, what=lambda: f"ComfyUI at {self.url} on {method} {path}")
 
     async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         async with self._slot(method, path):
             return await self._send(method, path, **kwargs)
-
-    @contextlib.asynccontextmanager
-    async def _stream(self, method: str, path: str, **kwargs: Any) -> AsyncIterator[httpx.Response]:
-        """A request whose body is read by the caller (``aiter_bytes``), holding its slot until done."""
-        async with self._slot(method, path):
-            resp = await self._send(method, path, stream=True, **kwargs)
-            try:
-                yield resp
-            except httpx.TransportError as exc:  # timeouts included: reading the streamed body
-                raise self._transport_failure(method, path, exc) from None
-            finally:
-                await resp.aclose()
 
     def _transport_failure(self, method: str, path: str, exc: httpx.TransportError) -> ProviderUnavailable:
         """A timeout or dropped connection on ``method path``, as the retryable error it is."""
@@ -579,7 +571,10 @@ class ComfyClient:
         cookies, auth, redirects: none of which a request to ComfyUI uses)."""
         assert self._h1 is not None
         host, port, netloc, prefix = self._h1_where
-        target = prefix + path + ("?" + urlencode(params) if params else "")
+        if params:  # a query string as it is, or a mapping to encode
+            target = prefix + path + "?" + (params if isinstance(params, str) else urlencode(params))
+        else:
+            target = prefix + path
         body = content if content is not None else (_dumps(json) if json is not None else b"")
         merged = {**self._headers, **(headers or {})}
         if json is not None:
@@ -663,19 +658,32 @@ class ComfyClient:
     ) -> tuple[bytes, str | None]:
         """One output file, streamed; more than ``max_bytes`` (default ``max_output_bytes``) raises
         PayloadTooLarge as soon as that is known, without reading the rest."""
+        query = urlencode({"filename": filename, "subfolder": subfolder, "type": type})
+        return await self._view(query, filename, max_bytes)
+
+    async def _view(self, query: str, filename: str, max_bytes: int | None = None) -> tuple[bytes, str | None]:
+        """``view`` for an encoded query string (the caller reuses it for the artifact's URL)."""
         limit = self.max_output_bytes if max_bytes is None else max_bytes
-        params = {"filename": filename, "subfolder": subfolder, "type": type}
-        async with self._stream("GET", "/view", params=params) as resp:
-            content_type = resp.headers.get("content-type")
-            declared = resp.headers.get("content-length", "")
-            if limit is not None and declared.isdigit() and int(declared) > limit:
-                raise self._too_large(filename, limit, int(declared))
-            body = bytearray()
-            async for chunk in resp.aiter_bytes():
-                body += chunk
-                if limit is not None and len(body) > limit:
-                    raise self._too_large(filename, limit, None)
-        return bytes(body), content_type
+        async with self._slot("GET", "/view"):
+            resp = await self._send("GET", "/view", stream=True, params=query)
+            try:
+                content_type = resp.headers.get("content-type")
+                declared = resp.headers.get("content-length", "")
+                if limit is not None and declared.isdigit() and int(declared) > limit:
+                    raise self._too_large(filename, limit, int(declared))
+                parts: list[bytes] = []
+                size = 0
+                async for chunk in resp.aiter_bytes():
+                    parts.append(chunk)
+                    size += len(chunk)
+                    if limit is not None and size > limit:
+                        raise self._too_large(filename, limit, None)
+                body = parts[0] if len(parts) == 1 else b"".join(parts)  # one chunk (the usual case): no copy
+            except httpx.TransportError as exc:  # timeouts included: reading the streamed body
+                raise self._transport_failure("GET", "/view", exc) from None
+            finally:
+                await resp.aclose()
+        return body, content_type
 
     def _too_large(self, filename: str, limit: int, size: int | None) -> PayloadTooLarge:
         what = f"{size} bytes" if size is not None else f"more than {limit} bytes"
@@ -728,7 +736,12 @@ class ComfyClient:
         if job.state.is_terminal:
             # Keep the final word (small): ComfyUI cannot tell a job we timed out from one interrupted by
             # hand, and forgets prompts it dequeued, so status() and cancel() after wait() ask here first.
-            self._settled[prompt_id] = job.status()
+            # A plain success (the usual case) is kept as its finish time alone: a float, not a model, so
+            # the up to max_retained words kept cost ~100 bytes each and no gc-tracked objects.
+            self._settled[prompt_id] = (
+                job.finished_at or time.time() if job.state is JobState.SUCCEEDED and job.closed is None
+                else job.status()
+            )
             while len(self._settled) > self.max_retained:
                 del self._settled[next(iter(self._settled))]
 
@@ -1284,7 +1297,9 @@ class ComfyClient:
         download_s = time.perf_counter() - t0 if refs and download else None
         artifacts.extend(job.ws_images)
         for node_id, text in protocol.text_outputs(outputs):
-            artifacts.append(Artifact(node_id=node_id, kind=ArtifactKind.TEXT, text=text, mime_type="text/plain"))
+            artifacts.append(
+                Artifact(node_id=node_id, kind=ArtifactKind.TEXT, text=text, mime_type="text/plain")
+            )
         return JobResult(
             job_id=job.prompt_id,
             provider=self.provider,
@@ -1323,13 +1338,13 @@ class ComfyClient:
                 task.cancel()
 
     async def _download(self, ref: protocol.OutputRef) -> Artifact:
-        data, content_type = await self.view(ref.filename, ref.subfolder, ref.type)
-        mime = (content_type or "").split(";", 1)[0].strip() or ref.mime_type
-        if mime in ("application/octet-stream", "") and ref.mime_type:
-            mime = ref.mime_type
-        art = _artifact(ref.node_id, data, mime, ref, animated=ref.animated)
-        art.url = self.view_url(ref)
-        return art
+        query = urlencode(ref.view_params())
+        data, content_type = await self._view(query, ref.filename)
+        guessed = ref.mime_type
+        mime = (content_type or "").split(";", 1)[0].strip() or guessed
+        if mime in ("application/octet-stream", "") and guessed:
+            mime = guessed
+        return _artifact(ref.node_id, data, mime, ref, animated=ref.animated, url=f"{self.url}/view?{query}")
 
     async def run(self, prompt: Mapping[str, Any], **kwargs: Any) -> JobResult:
         """Submit, wait and collect in one call."""
@@ -1348,6 +1363,8 @@ class ComfyClient:
         if job is not None:
             return job.status()
         settled = self._settled.get(prompt_id)
+        if type(settled) is float:
+            return JobStatus(job_id=prompt_id, provider=self.provider, state=JobState.SUCCEEDED, updated_at=settled)
         if settled is not None:
             return settled.model_copy()
         entry = await self.history(prompt_id)
@@ -1533,6 +1550,7 @@ def _artifact(
     *,
     animated: bool = False,
     ws: bool = False,
+    url: str | None = None,
 ) -> Artifact:
     from ..models import artifact_kind
 
@@ -1551,6 +1569,7 @@ def _artifact(
         type=ref.type if ref else ("websocket" if ws else None),
         mime_type=mime,
         data=data,
+        url=url,
         width=width,
         height=height,
         size=len(data),
