@@ -14,11 +14,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import json
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 
-__all__ = ["H1Transport"]
+__all__ = ["H1Transport", "Response"]
 
 _MAX_HEAD = 64 * 1024
 
@@ -64,7 +66,10 @@ class _Body(httpx.AsyncByteStream):
             elif self._length is not None:
                 left = self._length
                 while left > 0:
-                    chunk = await self._t._read(reader.read(min(left, 1 << 20)), self._timeout)
+                    if reader._buffer:  # noqa: SLF001  already here: no wait, so no timer
+                        chunk = await reader.read(min(left, 1 << 20))
+                    else:
+                        chunk = await self._t._read(reader.read(min(left, 1 << 20)), self._timeout)
                     if not chunk:
                         raise httpx.RemoteProtocolError("the server closed the connection mid-body")
                     left -= len(chunk)
@@ -85,6 +90,109 @@ class _Body(httpx.AsyncByteStream):
             self._t._release(conn)
         else:
             conn.close()
+
+
+class Response:
+    """A response on the hot path: what ComfyClient reads of one (status, headers, body, JSON), without
+    building httpx's request and response models. Header names are lower case."""
+
+    __slots__ = ("status_code", "headers", "raw_headers", "_content", "_body", "_length", "_chunked", "_keep")
+
+    def __init__(self, status_code: int, headers: dict[str, str], raw_headers: list[tuple[bytes, bytes]]):
+        self.status_code = status_code
+        self.headers = headers
+        self.raw_headers = raw_headers
+        self._content: bytes | None = None
+        self._body: _Body | None = None
+        self._length: int | None = None
+        self._chunked = False
+        self._keep = True
+
+    @property
+    def content(self) -> bytes:
+        if self._content is None:
+            raise httpx.ResponseNotRead()
+        return self._content
+
+    @property
+    def text(self) -> str:
+        return self.content.decode("utf-8", "replace")
+
+    def json(self) -> Any:
+        return json.loads(self.content)
+
+    async def aread(self) -> bytes:
+        if self._content is None:
+            self._content = b"".join([chunk async for chunk in self.aiter_bytes()])
+        return self._content
+
+    async def aiter_bytes(self) -> AsyncIterator[bytes]:
+        if self._body is None:
+            if self._content:
+                yield self._content
+            return
+        body, self._body = self._body, None
+        try:
+            async for chunk in body:
+                yield chunk
+        finally:
+            await body.aclose()
+
+    async def aclose(self) -> None:
+        if self._body is not None:
+            body, self._body = self._body, None
+            await body.aclose()
+
+
+def _parse_head(status_line: bytes, lines: list[bytes], method: str) -> Response:
+    try:
+        status = int(status_line.split(b" ", 2)[1])
+        raw: list[tuple[bytes, bytes]] = []
+        headers: dict[str, str] = {}
+        length: int | None = None
+        chunked = False
+        keep = True
+        for line in lines:
+            name, _, value = line.partition(b":")
+            name, value = name.strip(), value.strip()
+            raw.append((name, value))
+            key = name.decode("latin-1").lower()
+            text = value.decode("latin-1")
+            headers[key] = f"{headers[key]}, {text}" if key in headers else text
+            if key == "content-length":
+                length = int(value)
+            elif key == "transfer-encoding" and "chunked" in text.lower():
+                chunked = True
+            elif key == "connection" and text.lower() == "close":
+                keep = False
+    except (ValueError, IndexError):
+        raise httpx.RemoteProtocolError(f"malformed response head: {status_line[:80]!r}") from None
+    if method == "HEAD" or status in (204, 304) or 100 <= status < 200:
+        length, chunked = 0, False
+    resp = Response(status, headers, raw)
+    resp._length, resp._chunked, resp._keep = length, chunked, keep
+    return resp
+
+
+async def _read_body(reader: asyncio.StreamReader, resp: Response) -> bytes:
+    """A whole body, under the caller's timer (IncompleteReadError when the server closed mid-body)."""
+    if resp._chunked:
+        parts = []
+        while True:
+            line = await reader.readline()
+            if not line:
+                raise asyncio.IncompleteReadError(b"", None)
+            size = int(line.split(b";", 1)[0].strip() or b"0", 16)
+            if size == 0:
+                while (await reader.readline()) not in (b"\r\n", b"\n", b""):
+                    pass
+                return b"".join(parts)
+            parts.append(await reader.readexactly(size))
+            await reader.readexactly(2)
+    if resp._length is not None:
+        return await reader.readexactly(resp._length) if resp._length else b""
+    resp._keep = False  # delimited by the connection's end
+    return await reader.read()
 
 
 class H1Transport(httpx.AsyncBaseTransport):
@@ -144,13 +252,16 @@ class H1Transport(httpx.AsyncBaseTransport):
         body = await request.aread()
         headers = [(k, v) for k, v in request.headers.multi_items() if k.lower() != "host"]
         resp = await self.exchange(url.host, url.port or 80, url.netloc.decode("ascii"), request.method,
-                                   url.raw_path.decode("ascii"), headers, body, timeouts.get("read"))
-        resp.request = request
-        return resp
+                                   url.raw_path.decode("ascii"), headers, body, timeouts.get("read"), stream=True)
+        out = httpx.Response(resp.status_code, headers=resp.raw_headers, stream=resp._body)
+        out.request = request
+        return out
 
     async def exchange(self, host: str, port: int, netloc: str, method: str, target: str,
-                       headers: list[tuple[str, str]], body: bytes, read_timeout: float | None) -> httpx.Response:
-        """One request on a pooled connection; the response's body streams (``aread``/``aiter_bytes``)."""
+                       headers: list[tuple[str, str]], body: bytes, read_timeout: float | None,
+                       stream: bool = False) -> Response:
+        """One request on a pooled connection. Its body is read here (one timer for the whole response), or,
+        with ``stream``, as the caller iterates ``aiter_bytes``."""
         head = [f"{method} {target} HTTP/1.1", f"Host: {netloc}"]
         for key, value in headers:
             if key.lower() not in ("host", "content-length", "transfer-encoding", "connection"):
@@ -160,24 +271,36 @@ class H1Transport(httpx.AsyncBaseTransport):
         wire = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
         for attempt in (1, 2):
             conn, reused = await self._acquire(host, port)
+            reader = conn.reader
+            status_line = b""
             try:
                 conn.writer.write(wire)
-                # One timer for the whole head (a timer per line costs more than the parsing).
+                # One timer for the head (and the body, unless streamed): a timer per line costs more than the
+                # parsing.
                 async with asyncio.timeout(read_timeout):
-                    status_line = await conn.reader.readline()
+                    status_line = await reader.readline()
                     if not status_line:
                         raise httpx.RemoteProtocolError("the server closed the connection without a response")
-                    head: list[bytes] = []
-                    while (line := await conn.reader.readline()) not in (b"\r\n", b"\n", b""):
-                        head.append(line)
+                    lines: list[bytes] = []
+                    while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
+                        lines.append(line)
+                    resp = _parse_head(status_line, lines, method)
+                    if not stream:
+                        resp._content = await _read_body(reader, resp)
                 break
             except TimeoutError:
                 conn.close()
                 raise httpx.ReadTimeout("timed out reading the response") from None
+            except asyncio.IncompleteReadError:
+                conn.close()
+                raise httpx.RemoteProtocolError("the server closed the connection mid-body") from None
+            except ValueError:  # a chunk size that is not hex
+                conn.close()
+                raise httpx.RemoteProtocolError("malformed chunked body") from None
             except (httpx.RemoteProtocolError, ConnectionError, OSError) as exc:
                 conn.close()
                 # An idle connection the server had just closed: nothing was processed, ask on a fresh one.
-                if reused and attempt == 1 and method == "GET":
+                if reused and attempt == 1 and method == "GET" and not status_line:
                     continue
                 if isinstance(exc, httpx.RemoteProtocolError):
                     raise
@@ -185,29 +308,13 @@ class H1Transport(httpx.AsyncBaseTransport):
             except BaseException:
                 conn.close()
                 raise
-        try:
-            status = int(status_line.split(b" ", 2)[1])
-            out: list[tuple[bytes, bytes]] = []
-            length: int | None = None
-            chunked = False
-            keep = True
-            for line in head:
-                name, _, value = line.partition(b":")
-                name, value = name.strip(), value.strip()
-                out.append((name, value))
-                lname = name.lower()
-                if lname == b"content-length":
-                    length = int(value)
-                elif lname == b"transfer-encoding" and b"chunked" in value.lower():
-                    chunked = True
-                elif lname == b"connection" and value.lower() == b"close":
-                    keep = False
-        except (ValueError, IndexError):
+        if stream:
+            resp._body = _Body(self, conn, resp._length, resp._chunked, resp._keep, read_timeout)
+        elif resp._keep:
+            self._release(conn)
+        else:
             conn.close()
-            raise httpx.RemoteProtocolError(f"malformed response head: {status_line[:80]!r}") from None
-        if method == "HEAD" or status in (204, 304) or 100 <= status < 200:
-            length, chunked = 0, False
-        return httpx.Response(status, headers=out, stream=_Body(self, conn, length, chunked, keep, read_timeout))
+        return resp
 
     async def aclose(self) -> None:
         self._drop_idle()

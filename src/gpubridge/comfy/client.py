@@ -52,6 +52,7 @@ from ..errors import (
 from ..fetch import UrlFetcher
 from ..gate import RequestGate
 from ._h1 import H1Transport
+from ._h1 import Response as H1Response
 from ..models import (
     Artifact,
     ArtifactKind,
@@ -553,7 +554,7 @@ class ComfyClient:
             return contextlib.nullcontext()
         return self._gate.slot(provider=self.provider, what=lambda: f"ComfyUI at {self.url} on {method} {path}")
 
-    async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response | H1Response:
         async with self._slot(method, path):
             return await self._send(method, path, **kwargs)
 
@@ -566,7 +567,7 @@ class ComfyClient:
         return ProviderUnavailable(f"ComfyUI at {self.url} {what}", provider=self.provider)
 
     async def _fast(self, method: str, path: str, stream: bool, params: Any = None, content: bytes | None = None,
-                    json: Any = None, headers: Mapping[str, str] | None = None) -> httpx.Response:
+                    json: Any = None, headers: Mapping[str, str] | None = None) -> H1Response:
         """The hot path: straight to the HTTP/1.1 transport, without httpx's request building (URL parsing,
         cookies, auth, redirects: none of which a request to ComfyUI uses)."""
         assert self._h1 is not None
@@ -579,13 +580,11 @@ class ComfyClient:
         merged = {**self._headers, **(headers or {})}
         if json is not None:
             merged["content-type"] = "application/json"
-        resp = await self._h1.exchange(host, port, netloc, method, target, list(merged.items()), body,
-                                       self._read_timeout)
-        if not stream:
-            await resp.aread()
-        return resp
+        return await self._h1.exchange(host, port, netloc, method, target, list(merged.items()), body,
+                                       self._read_timeout, stream)
 
-    async def _send(self, method: str, path: str, *, stream: bool = False, **kwargs: Any) -> httpx.Response:
+    async def _send(self, method: str, path: str, *, stream: bool = False,
+                    **kwargs: Any) -> httpx.Response | H1Response:
         try:
             if self._h1 is not None and not (kwargs.keys() - {"params", "content", "json", "headers"}):
                 resp = await self._fast(method, path, stream, **kwargs)
@@ -1487,7 +1486,7 @@ def _dumps(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode()
 
 
-def _json_body(resp: httpx.Response, what: str, client: ComfyClient) -> Any:
+def _json_body(resp: httpx.Response | H1Response, what: str, client: ComfyClient) -> Any:
     try:
         return resp.json()
     except ValueError:
@@ -1527,7 +1526,7 @@ def _short(exc: BaseException) -> str:
     return text if len(text) < 200 else text[:197] + "..."
 
 
-def _retry_after(resp: httpx.Response) -> float | None:
+def _retry_after(resp: httpx.Response | H1Response) -> float | None:
     value = resp.headers.get("retry-after")
     try:
         return float(value) if value else None
