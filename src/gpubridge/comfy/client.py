@@ -24,7 +24,6 @@ from urllib.parse import urlencode, urlsplit
 
 import httpx
 import imagesize
-import websockets
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
@@ -32,8 +31,6 @@ from tenacity import (
     stop_after_delay,
     wait_exponential_jitter,
 )
-from websockets.asyncio.client import ClientConnection
-from websockets.asyncio.client import connect as ws_connect
 
 from ..errors import (
     AuthError,
@@ -68,7 +65,7 @@ from ..models import (
     Timings,
 )
 from ..runner import EventStream
-from . import protocol
+from . import _ws, protocol
 from .validate import PromptValidator
 
 __all__ = ["ComfyClient", "ComfyJob", "unreachable_message"]
@@ -300,7 +297,7 @@ class ComfyJob:
 
 
 def _is_transient(exc: BaseException) -> bool:
-    return isinstance(exc, (OSError, websockets.exceptions.InvalidHandshake, TimeoutError, ProviderUnavailable))
+    return isinstance(exc, (OSError, _ws.InvalidHandshake, TimeoutError, ProviderUnavailable))
 
 
 # Background tasks that keep a prompt from running unobserved; aclose() lets them finish (close_grace).
@@ -411,7 +408,8 @@ class ComfyClient:
         split = urlsplit(self.url)
         scheme = "wss" if split.scheme == "https" else "ws"
         self._ws_base = f"{scheme}://{split.netloc}{split.path}/ws"
-        self._ws: ClientConnection | None = None
+        self._ws: _ws.LeanWebSocket | None = None
+        self._clock = time.monotonic  # the loop's clock, once started (for _last_frame)
         self._watcher: asyncio.Task[None] | None = None
         self._last_frame = 0.0  # loop time of the last websocket frame
         # Final status of forgotten jobs (bounded by max_retained): a JobStatus, or a success's finish time.
@@ -458,22 +456,19 @@ class ComfyClient:
         """A fresh client id for the next connection (see the class doc)."""
         self.client_id = uuid.uuid4().hex
 
-    async def _connect_ws(self) -> ClientConnection:
+    async def _connect_ws(self) -> _ws.LeanWebSocket:
         try:
-            ws = await ws_connect(
+            ws = await _ws.connect(
                 self._ws_url,
-                additional_headers=self._headers or None,
-                compression=None,
-                max_size=_MAX_WS_FRAME,
-                max_queue=None,
+                headers=self._headers or None,
                 open_timeout=self.connect_timeout,
+                max_size=_MAX_WS_FRAME,
                 ping_interval=self.ping_interval,
                 ping_timeout=self.ping_interval,
-                proxy=None,
-                user_agent_header="gpubridge",
+                user_agent="gpubridge",
             )
-        except websockets.exceptions.InvalidStatus as exc:
-            code = exc.response.status_code
+        except _ws.InvalidStatus as exc:
+            code = exc.status_code
             if code in (401, 403):
                 raise AuthError(
                     f"ComfyUI at {self.url} refused the websocket (HTTP {code})", provider=self.provider
@@ -483,12 +478,12 @@ class ComfyClient:
                 provider=self.provider,
                 status_code=code,
             ) from None
-        except (OSError, TimeoutError, websockets.exceptions.InvalidHandshake) as exc:
+        except (OSError, TimeoutError, _ws.InvalidHandshake) as exc:
             reason = "connection refused" if isinstance(exc, ConnectionRefusedError) else _short(exc)
             raise ProviderUnavailable(unreachable_message(self.url, reason, self.url_setting), provider=self.provider) from None
         # The first frame is always a status frame with our sid: the socket is registered once it arrives.
         try:
-            first = await asyncio.wait_for(ws.recv(), self.connect_timeout)
+            first = await asyncio.wait_for(ws.first(), self.connect_timeout)
         except Exception as exc:
             await ws.close()
             self._new_client_id()  # that socket may have registered the id: its cleanup would unregister it
@@ -497,7 +492,8 @@ class ComfyClient:
                 provider=self.provider,
             ) from None
         self._epoch += 1
-        self._last_frame = asyncio.get_running_loop().time()
+        self._clock = asyncio.get_running_loop().time
+        self._last_frame = self._clock()
         if isinstance(first, str):
             self._on_text(first)
         return ws
@@ -978,23 +974,13 @@ class ComfyClient:
     # ------------------------------------------------------------------------------------------- websocket
 
     async def _read_loop(self) -> None:
-        loop = asyncio.get_running_loop()
+        """Hand the socket's frames to the jobs (in the socket's own callbacks: no task switch per frame) until
+        it drops, then reconnect and reconcile."""
         while not self._closed:
             ws = self._ws
             assert ws is not None
-            try:
-                async for frame in ws:
-                    self._last_frame = loop.time()
-                    if type(frame) is str:
-                        self._on_text(frame)
-                    else:
-                        self._on_binary(frame)
-            except websockets.exceptions.ConnectionClosed:
-                pass
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # a frame we could not handle must not kill the reader
-                log.exception("ComfyUI websocket reader error")
+            ws.deliver(self._text_frame, self._binary_frame)
+            await ws.wait_closed()
             if self._closed:
                 return
             log.warning("websocket to %s dropped; reconnecting", self.url)
@@ -1008,9 +994,18 @@ class ComfyClient:
                 self._ws = None
                 self._fail_all(f"ComfyUI at {self.url} went away and did not come back ({_short(exc)})")
                 return
+            # Frames of the new socket wait (in order) until the jobs are reconciled, as they did before.
             await self._reconcile()
 
-    async def _reconnect(self) -> ClientConnection:
+    def _text_frame(self, text: str) -> None:
+        self._last_frame = self._clock()
+        self._on_text(text)
+
+    def _binary_frame(self, frame: bytes) -> None:
+        self._last_frame = self._clock()
+        self._on_binary(frame)
+
+    async def _reconnect(self) -> _ws.LeanWebSocket:
         backoff = wait_exponential_jitter(multiplier=0.05, max=2.0)
         give_up_at = time.monotonic() + self.reconnect_timeout
 
