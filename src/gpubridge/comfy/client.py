@@ -111,7 +111,8 @@ class ComfyJob:
         "current_node",
         "progress_value",
         "progress_max",
-        "nodes_done",
+        "_nodes_done",
+        "_progress_state",
         "nodes_total",
         "done",
         "stream",
@@ -145,7 +146,8 @@ class ComfyJob:
         self.current_node: str | None = None
         self.progress_value: float | None = None
         self.progress_max: float | None = None
-        self.nodes_done = 0
+        self._nodes_done = 0
+        self._progress_state: str | Mapping[str, Any] | None = None  # the last progress_state, not yet read
         self.nodes_total = len(prompt)
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.stream = EventStream()
@@ -157,6 +159,23 @@ class ComfyJob:
         self.closed: str | None = None  # the client was closed before the job finished
 
     # -- views
+
+    @property
+    def nodes_done(self) -> int:
+        """Nodes finished, from ComfyUI's last ``progress_state`` frame (decoded here, when asked)."""
+        raw = self._progress_state
+        if raw is not None:
+            self._progress_state = None
+            with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):
+                data = json.loads(raw)["data"] if isinstance(raw, str) else raw
+                nodes = data.get("nodes") or {}
+                self._nodes_done = sum(1 for n in nodes.values() if n.get("state") == "finished")
+        return self._nodes_done
+
+    @nodes_done.setter
+    def nodes_done(self, value: int) -> None:
+        self._progress_state = None
+        self._nodes_done = value
 
     @property
     def finished(self) -> bool:
@@ -1151,6 +1170,22 @@ class ComfyClient:
             job._emit(EventType.STARTED)
 
     def _on_text(self, text: str) -> None:
+        # ComfyUI writes every frame as json.dumps({"type": ..., "data": ...}): the type can be read without
+        # decoding the frame. Of a job's ~14 frames, the queue broadcasts (status) and execution_success are
+        # ignored, and progress_state (the largest) is only needed when someone asks for the job's progress:
+        # those are not decoded here. Anything else, or a frame not written that way, is decoded.
+        if text.startswith('{"type": "'):
+            mtype = text[10:text.find('"', 10)]
+            if mtype in _UNREAD_FRAMES:
+                return
+            if mtype == "progress_state":
+                at = text.find(_PROMPT_ID_KEY)
+                if at > 0:
+                    at += len(_PROMPT_ID_KEY)
+                    job = self._jobs.get(text[at:text.find('"', at)])
+                    if job is not None:
+                        job._progress_state = text  # decoded when read (ComfyJob.nodes_done)
+                    return
         try:
             msg = json.loads(text)
             mtype = msg["type"]
@@ -1158,12 +1193,11 @@ class ComfyClient:
         except (ValueError, KeyError, TypeError):
             log.debug("ignoring malformed websocket frame: %.200s", text)
             return
-        if mtype == "status" or mtype == "progress_state" or mtype == "crystools.monitor":
-            if mtype == "progress_state":
+        if mtype in _UNREAD_FRAMES or mtype == "progress_state":
+            if mtype == "progress_state" and isinstance(data, Mapping):
                 job = self._jobs.get(data.get("prompt_id"))
                 if job is not None:
-                    nodes = data.get("nodes") or {}
-                    job.nodes_done = sum(1 for n in nodes.values() if n.get("state") == "finished")
+                    job._progress_state = data
             return
         if mtype == "feature_flags":
             self.feature_flags = dict(data)
@@ -1215,8 +1249,6 @@ class ComfyClient:
             job.error = dict(data)
         elif mtype == "execution_interrupted":
             job.interrupted = dict(data)
-        elif mtype == "execution_success":
-            pass  # not a completion signal: the history entry may not exist yet
 
     def _settle(self, job: ComfyJob) -> None:
         if job.error is not None:
@@ -1474,6 +1506,11 @@ class ComfyClient:
 
 # ---------------------------------------------------------------------------------------------- helpers
 
+_UNREAD_FRAMES = frozenset({"status", "crystools.monitor", "execution_success"})
+"""Frames the client ignores: queue broadcasts, a monitoring extension's, and execution_success (not a completion
+signal: the history entry may not exist yet; ``executing`` with ``node: null`` is)."""
+_PROMPT_ID_KEY = '"prompt_id": "'
+
 _JSON = {"content-type": "application/json"}
 
 
@@ -1552,7 +1589,10 @@ def _artifact(
     width = height = None
     if kind in (ArtifactKind.IMAGE, ArtifactKind.ANIMATION):
         with contextlib.suppress(Exception):
-            w, h = imagesize.get(_BytesReader(data))
+            if data[:8] == _PNG and data[12:16] == b"IHDR":  # what ComfyUI saves most: read it here
+                w, h = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+            else:
+                w, h = imagesize.get(_BytesReader(data))
             if w > 0 and h > 0:
                 width, height = w, h
     return Artifact(
@@ -1571,6 +1611,9 @@ def _artifact(
         # worker-comfyui see it (every non-temp "images" entry is an image to them, animated or not).
         metadata={**({"animated": True} if animated else {}), **({"key": ref.key} if ref else {})},
     )
+
+
+_PNG = b"\x89PNG\r\n\x1a\n"
 
 
 class _BytesReader:
