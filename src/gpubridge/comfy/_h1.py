@@ -56,7 +56,10 @@ class _Body(httpx.AsyncByteStream):
             if self._chunked:
                 while True:
                     line = await self._t._read(reader.readline(), self._timeout)
-                    size = int(line.split(b";", 1)[0].strip() or b"0", 16)
+                    try:
+                        size = int(line.split(b";", 1)[0].strip() or b"0", 16)
+                    except ValueError:
+                        raise httpx.RemoteProtocolError("malformed chunk size in the body") from None
                     if size == 0:
                         while (await self._t._read(reader.readline(), self._timeout)) not in (b"\r\n", b"\n", b""):
                             pass
@@ -174,27 +177,6 @@ def _parse_head(status_line: bytes, lines: list[bytes], method: str) -> Response
     return resp
 
 
-async def _read_body(reader: asyncio.StreamReader, resp: Response) -> bytes:
-    """A whole body, under the caller's timer (IncompleteReadError when the server closed mid-body)."""
-    if resp._chunked:
-        parts = []
-        while True:
-            line = await reader.readline()
-            if not line:
-                raise asyncio.IncompleteReadError(b"", None)
-            size = int(line.split(b";", 1)[0].strip() or b"0", 16)
-            if size == 0:
-                while (await reader.readline()) not in (b"\r\n", b"\n", b""):
-                    pass
-                return b"".join(parts)
-            parts.append(await reader.readexactly(size))
-            await reader.readexactly(2)
-    if resp._length is not None:
-        return await reader.readexactly(resp._length) if resp._length else b""
-    resp._keep = False  # delimited by the connection's end
-    return await reader.read()
-
-
 class H1Transport(httpx.AsyncBaseTransport):
     """HTTP/1.1 to one host and port (``http://`` only; anything else belongs to httpx's own transport)."""
 
@@ -253,7 +235,8 @@ class H1Transport(httpx.AsyncBaseTransport):
         headers = [(k, v) for k, v in request.headers.multi_items() if k.lower() != "host"]
         resp = await self.exchange(url.host, url.port or 80, url.netloc.decode("ascii"), request.method,
                                    url.raw_path.decode("ascii"), headers, body, timeouts.get("read"), stream=True)
-        out = httpx.Response(resp.status_code, headers=resp.raw_headers, stream=resp._body)
+        body = resp._body if resp._content is None else httpx.ByteStream(resp._content)
+        out = httpx.Response(resp.status_code, headers=resp.raw_headers, stream=body)
         out.request = request
         return out
 
@@ -285,8 +268,11 @@ class H1Transport(httpx.AsyncBaseTransport):
                     while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
                         lines.append(line)
                     resp = _parse_head(status_line, lines, method)
-                    if not stream:
-                        resp._content = await _read_body(reader, resp)
+                    length = resp._length
+                    if length is not None and len(reader._buffer) >= length:  # noqa: SLF001
+                        # The whole body came with the head (a ComfyUI answer usually does): take it now, with
+                        # no wait, streamed or not. It is in memory already (the reader's buffer).
+                        resp._content = await reader.readexactly(length) if length else b""
                 break
             except TimeoutError:
                 conn.close()
@@ -294,9 +280,6 @@ class H1Transport(httpx.AsyncBaseTransport):
             except asyncio.IncompleteReadError:
                 conn.close()
                 raise httpx.RemoteProtocolError("the server closed the connection mid-body") from None
-            except ValueError:  # a chunk size that is not hex
-                conn.close()
-                raise httpx.RemoteProtocolError("malformed chunked body") from None
             except (httpx.RemoteProtocolError, ConnectionError, OSError) as exc:
                 conn.close()
                 # An idle connection the server had just closed: nothing was processed, ask on a fresh one.
@@ -308,8 +291,12 @@ class H1Transport(httpx.AsyncBaseTransport):
             except BaseException:
                 conn.close()
                 raise
-        if stream:
+        if resp._content is None:
+            # The body is still coming: read as it arrives, each read under read_timeout (as httpx does), so a
+            # large body is bounded per read, not as a whole.
             resp._body = _Body(self, conn, resp._length, resp._chunked, resp._keep, read_timeout)
+            if not stream:
+                await resp.aread()
         elif resp._keep:
             self._release(conn)
         else:

@@ -685,6 +685,10 @@ class ComfyClient:
                 declared = resp.headers.get("content-length", "")
                 if limit is not None and declared.isdigit() and int(declared) > limit:
                     raise self._too_large(filename, limit, int(declared))
+                if isinstance(resp, H1Response) and resp._content is not None:  # came whole with the head
+                    if limit is not None and len(resp._content) > limit:
+                        raise self._too_large(filename, limit, None)
+                    return resp._content, content_type
                 parts: list[bytes] = []
                 size = 0
                 async for chunk in resp.aiter_bytes():
