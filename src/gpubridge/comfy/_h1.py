@@ -147,7 +147,9 @@ class Response:
             await body.aclose()
 
 
-def _parse_head(status_line: bytes, lines: list[bytes], method: str) -> Response:
+def _parse_head(head: bytes, method: str) -> Response:
+    lines = head[:-4].split(b"\r\n")
+    status_line = lines[0]
     try:
         status = int(status_line.split(b" ", 2)[1])
         raw: list[tuple[bytes, bytes]] = []
@@ -155,7 +157,7 @@ def _parse_head(status_line: bytes, lines: list[bytes], method: str) -> Response
         length: int | None = None
         chunked = False
         keep = True
-        for line in lines:
+        for line in lines[1:]:
             name, _, value = line.partition(b":")
             name, value = name.strip(), value.strip()
             raw.append((name, value))
@@ -255,19 +257,23 @@ class H1Transport(httpx.AsyncBaseTransport):
         for attempt in (1, 2):
             conn, reused = await self._acquire(host, port)
             reader = conn.reader
-            status_line = b""
+            answered = False  # whether any byte of an answer came (else a GET on a reused connection is retried)
             try:
                 conn.writer.write(wire)
-                # One timer for the head (and the body, unless streamed): a timer per line costs more than the
-                # parsing.
+                # One timer, one read for the whole head (a timer or a read per line costs more than the parsing).
                 async with asyncio.timeout(read_timeout):
-                    status_line = await reader.readline()
-                    if not status_line:
-                        raise httpx.RemoteProtocolError("the server closed the connection without a response")
-                    lines: list[bytes] = []
-                    while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
-                        lines.append(line)
-                    resp = _parse_head(status_line, lines, method)
+                    try:
+                        head = await reader.readuntil(b"\r\n\r\n")
+                    except asyncio.IncompleteReadError as exc:
+                        answered = bool(exc.partial)
+                        raise httpx.RemoteProtocolError(
+                            "the server closed the connection " + ("mid-head" if answered else "without a response")
+                        ) from None
+                    except asyncio.LimitOverrunError:
+                        answered = True
+                        raise httpx.RemoteProtocolError(f"a response head over {_MAX_HEAD} bytes") from None
+                    answered = True
+                    resp = _parse_head(head, method)
                     length = resp._length
                     if length is not None and len(reader._buffer) >= length:  # noqa: SLF001
                         # The whole body came with the head (a ComfyUI answer usually does): take it now, with
@@ -283,7 +289,7 @@ class H1Transport(httpx.AsyncBaseTransport):
             except (httpx.RemoteProtocolError, ConnectionError, OSError) as exc:
                 conn.close()
                 # An idle connection the server had just closed: nothing was processed, ask on a fresh one.
-                if reused and attempt == 1 and method == "GET" and not status_line:
+                if reused and attempt == 1 and method == "GET" and not answered:
                     continue
                 if isinstance(exc, httpx.RemoteProtocolError):
                     raise

@@ -115,6 +115,7 @@ class ComfyJob:
         "_progress_state",
         "nodes_total",
         "done",
+        "_waiters",
         "stream",
         "_timer",
         "tags",
@@ -150,6 +151,9 @@ class ComfyJob:
         self._progress_state: str | Mapping[str, Any] | None = None  # the last progress_state, not yet read
         self.nodes_total = len(prompt)
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # Futures of wait() callers, set when ``done`` is: a waiter wakes one loop turn after the job ends
+        # (through a shield of ``done`` it took two), and a cancelled waiter cancels only its own future.
+        self._waiters: list[asyncio.Future[None]] = []
         self.stream = EventStream()
         self._timer: asyncio.TimerHandle | None = None
         self.tags: dict[str, Any] = {}
@@ -272,7 +276,14 @@ class ComfyJob:
             message=message or (str(err) if err else None),
             data={"error": err.to_dict()} if err else {},
         )
+        self._set_done()
+
+    def _set_done(self) -> None:
         self.done.set_result(None)
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     def _abandon(self, reason: str) -> None:
         """The client closed: end waiters and event streams without claiming a terminal state."""
@@ -283,7 +294,7 @@ class ComfyJob:
             self._timer.cancel()
             self._timer = None
         self.stream.close()
-        self.done.set_result(None)
+        self._set_done()
 
     # -- public
 
@@ -291,7 +302,14 @@ class ComfyJob:
         """Wait until the job is finished (any terminal state). ``timeout`` only bounds the wait."""
         if not self.done.done():
             if timeout is None:
-                await asyncio.shield(self.done)
+                waiter = self.done.get_loop().create_future()
+                self._waiters.append(waiter)
+                try:
+                    await waiter
+                except asyncio.CancelledError:
+                    with contextlib.suppress(ValueError):
+                        self._waiters.remove(waiter)
+                    raise
             else:
                 try:
                     await asyncio.wait_for(asyncio.shield(self.done), timeout)
@@ -1370,10 +1388,9 @@ class ComfyClient:
     async def _download(self, ref: protocol.OutputRef) -> Artifact:
         query = urlencode(ref.view_params())
         data, content_type = await self._view(query, ref.filename)
-        guessed = ref.mime_type
-        mime = (content_type or "").split(";", 1)[0].strip() or guessed
-        if mime in ("application/octet-stream", "") and guessed:
-            mime = guessed
+        mime = (content_type or "").split(";", 1)[0].strip()
+        if mime in ("application/octet-stream", ""):  # ComfyUI said nothing useful: guess from the name
+            mime = ref.mime_type or mime or None
         return _artifact(ref.node_id, data, mime, ref, animated=ref.animated, url=f"{self.url}/view?{query}")
 
     async def run(self, prompt: Mapping[str, Any], **kwargs: Any) -> JobResult:
@@ -1518,8 +1535,11 @@ _PROMPT_ID_KEY = '"prompt_id": "'
 _JSON = {"content-type": "application/json"}
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"))  # json.dumps builds one per call when given separators
+
+
 def _dumps(obj: Any) -> bytes:
-    return json.dumps(obj, separators=(",", ":")).encode()
+    return _ENCODER.encode(obj).encode()
 
 
 def _json_body(resp: httpx.Response | H1Response, what: str, client: ComfyClient) -> Any:
