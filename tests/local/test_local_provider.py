@@ -330,3 +330,18 @@ async def test_a_result_fetched_by_another_process_has_honest_timings(comfy):
     assert t.started_at == messages["execution_start"]["timestamp"] / 1000  # ComfyUI's own timestamps,
     assert t.finished_at == messages["execution_success"]["timestamp"] / 1000  # not when we asked
     assert t.executing_s == round(t.finished_at - t.started_at, 6) and t.finished_at <= time.time()
+
+
+async def test_an_output_over_the_cap_is_refused_on_the_hot_path_without_reading_it(comfy):
+    """The lean transport reads a short body with its head, but never one over max_output_bytes: the declared
+    length refuses it first."""
+    from gpubridge.errors import PayloadTooLarge
+
+    runner = LocalRunner(comfy.url, max_output_bytes=64)
+    try:
+        assert runner.client._h1 is not None  # the hot path, not httpx
+        with pytest.raises(PayloadTooLarge, match="max_output_bytes"):
+            await runner.run(JobRequest(workflow=INVERT))
+        assert not runner.client._h1._idle or all(c.usable() for c in runner.client._h1._idle)
+    finally:
+        await runner.aclose()

@@ -23,6 +23,8 @@ import httpx
 __all__ = ["H1Transport", "Response"]
 
 _MAX_HEAD = 64 * 1024
+EAGER_BYTES = 1 << 20
+"""Bodies of a declared length up to this are read with their response's head, under one timer."""
 
 
 class _Conn:
@@ -244,9 +246,10 @@ class H1Transport(httpx.AsyncBaseTransport):
 
     async def exchange(self, host: str, port: int, netloc: str, method: str, target: str,
                        headers: list[tuple[str, str]], body: bytes, read_timeout: float | None,
-                       stream: bool = False) -> Response:
-        """One request on a pooled connection. Its body is read here (one timer for the whole response), or,
-        with ``stream``, as the caller iterates ``aiter_bytes``."""
+                       stream: bool = False, eager: int = EAGER_BYTES) -> Response:
+        """One request on a pooled connection. A body of a declared length up to ``eager`` bytes is read with
+        the head, under its one timer; a longer one (or one of unknown length) is read here with a timer per
+        read, or, with ``stream``, as the caller iterates ``aiter_bytes``."""
         head = [f"{method} {target} HTTP/1.1", f"Host: {netloc}"]
         for key, value in headers:
             if key.lower() not in ("host", "content-length", "transfer-encoding", "connection"):
@@ -275,9 +278,9 @@ class H1Transport(httpx.AsyncBaseTransport):
                     answered = True
                     resp = _parse_head(head, method)
                     length = resp._length
-                    if length is not None and len(reader._buffer) >= length:  # noqa: SLF001
-                        # The whole body came with the head (a ComfyUI answer usually does): take it now, with
-                        # no wait, streamed or not. It is in memory already (the reader's buffer).
+                    if length is not None and (length <= eager or len(reader._buffer) >= length):  # noqa: SLF001
+                        # A short body (a ComfyUI answer, a small image), or one already in the reader's buffer:
+                        # read now, streamed or not, without a body stream and its timer per read.
                         resp._content = await reader.readexactly(length) if length else b""
                 break
             except TimeoutError:

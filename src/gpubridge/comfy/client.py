@@ -48,7 +48,7 @@ from ..errors import (
 )
 from ..fetch import UrlFetcher
 from ..gate import RequestGate
-from ._h1 import H1Transport
+from ._h1 import EAGER_BYTES, H1Transport
 from ._h1 import Response as H1Response
 from ..models import (
     Artifact,
@@ -600,7 +600,8 @@ class ComfyClient:
         return ProviderUnavailable(f"ComfyUI at {self.url} {what}", provider=self.provider)
 
     async def _fast(self, method: str, path: str, stream: bool, params: Any = None, content: bytes | None = None,
-                    json: Any = None, headers: Mapping[str, str] | None = None) -> H1Response:
+                    json: Any = None, headers: Mapping[str, str] | None = None,
+                    eager: int = EAGER_BYTES) -> H1Response:
         """The hot path: straight to the HTTP/1.1 transport, without httpx's request building (URL parsing,
         cookies, auth, redirects: none of which a request to ComfyUI uses)."""
         assert self._h1 is not None
@@ -614,13 +615,14 @@ class ComfyClient:
         if json is not None:
             merged["content-type"] = "application/json"
         return await self._h1.exchange(host, port, netloc, method, target, list(merged.items()), body,
-                                       self._read_timeout, stream)
+                                       self._read_timeout, stream, eager)
 
     async def _send(self, method: str, path: str, *, stream: bool = False,
                     **kwargs: Any) -> httpx.Response | H1Response:
+        eager = kwargs.pop("eager", EAGER_BYTES)  # for the hot path only (see H1Transport.exchange)
         try:
             if self._h1 is not None and not (kwargs.keys() - {"params", "content", "json", "headers"}):
-                resp = await self._fast(method, path, stream, **kwargs)
+                resp = await self._fast(method, path, stream, eager=eager, **kwargs)
             elif stream:
                 resp = await self._http.send(self._http.build_request(method, path, **kwargs), stream=True)
             else:
@@ -697,7 +699,9 @@ class ComfyClient:
         """``view`` for an encoded query string (the caller reuses it for the artifact's URL)."""
         limit = self.max_output_bytes if max_bytes is None else max_bytes
         async with self._slot("GET", "/view"):
-            resp = await self._send("GET", "/view", stream=True, params=query)
+            # A small output comes with the head (one timer, no body stream); never more than the cap.
+            resp = await self._send("GET", "/view", stream=True, params=query,
+                                    eager=EAGER_BYTES if limit is None else min(limit, EAGER_BYTES))
             try:
                 content_type = resp.headers.get("content-type")
                 declared = resp.headers.get("content-length", "")
