@@ -5,9 +5,9 @@ import threading
 
 import pytest
 
-from gpubridge.errors import JobFailed, JobTimeout
+from gpubridge.errors import JobFailed, JobTimeout, WorkflowInvalid
 from gpubridge.models import EventType, JobEvent, JobRequest, JobState, Workflow
-from gpubridge.runner import EventStream, RunnerWrapper, SyncRunner, as_request
+from gpubridge.runner import EventStream, RunnerWrapper, SyncRunner, as_request, settle_pending_cancels
 
 from .fakes import ScriptedRunner
 
@@ -112,6 +112,44 @@ async def test_run_cancels_the_remote_job_when_the_caller_is_cancelled():
     (job_id,) = runner.jobs
     assert runner.cancelled == [job_id]
     assert runner.jobs[job_id].state is JobState.CANCELLED
+
+
+class _HeldSubmit(ScriptedRunner):
+    """A runner whose submit waits at ``release`` (an upload, a POST the backend is still validating)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def submit(self, request: JobRequest):
+        self.entered.set()
+        await self.release.wait()
+        return await super().submit(request)
+
+
+async def test_a_caller_cancelled_while_its_submit_is_in_flight_gets_its_job_cancelled_once_it_exists():
+    runner = _HeldSubmit()
+    task = asyncio.create_task(runner.run(WF))
+    await runner.entered.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task  # at once: the caller does not wait for the submit
+    assert runner.jobs == {}
+    runner.release.set()  # the submit finishes in the background ...
+    await runner.next_job()
+    await settle_pending_cancels(runner)
+    (job_id,) = runner.jobs
+    assert runner.cancelled == [job_id]  # ... and the job it created is cancelled
+
+
+async def test_a_submit_error_reaches_the_caller_as_it_was_raised_and_nothing_is_left_behind(caplog):
+    runner = ScriptedRunner()
+    runner.submit_errors.append(WorkflowInvalid(error={"type": "bad", "message": "no"}, node_errors={}))
+    with pytest.raises(WorkflowInvalid):
+        await runner.run(WF)
+    assert runner.cancelled == [] and runner.jobs == {}
+    assert "never retrieved" not in caplog.text
 
 
 async def test_run_raises_typed_failure():

@@ -132,14 +132,19 @@ class WorkflowRunner(abc.ABC):
         as soon as its id is known, so nothing runs to completion unnoticed.
         """
         req = as_request(request, **fields)
-        submitting = asyncio.ensure_future(self.submit(req))
+        # The submit runs in a task of its own, so a cancelled caller leaves it to finish; it hands its handle
+        # (or error) to ``answer``, which is all the caller waits on (the caller's cancel cancels only that).
+        answer: asyncio.Future[JobHandle] = asyncio.get_running_loop().create_future()
+        submitting = asyncio.ensure_future(_submit_answering(self, req, answer))
         try:
-            handle = await asyncio.shield(submitting)
+            handle = await answer
         except asyncio.CancelledError:
-            if submitting.done() and not submitting.cancelled() and submitting.exception() is None:
-                await _cancel_quietly(self, submitting.result())  # submitted just now: cancel it here
-            else:
+            if answer.done() and not answer.cancelled():
+                answer.exception()  # retrieved (a submit error that lost the race with this cancel is not logged)
+            if not submitting.done():
                 _cancel_when_submitted(self, submitting)
+            elif not submitting.cancelled() and submitting.exception() is None and submitting.result() is not None:
+                await _cancel_quietly(self, submitting.result())  # submitted just now: cancel it here
             raise
         watcher = asyncio.create_task(_forward_events(self, handle, on_event)) if on_event else None
         try:
@@ -188,15 +193,37 @@ async def settle_pending_cancels(runner: WorkflowRunner, timeout: float = CLOSE_
         await asyncio.wait(pending, timeout=timeout)
 
 
-def _cancel_when_submitted(runner: WorkflowRunner, submitting: asyncio.Future[JobHandle]) -> None:
+async def _submit_answering(runner: WorkflowRunner, request: JobRequest,
+                            answer: asyncio.Future[JobHandle]) -> JobHandle | None:
+    """``runner.submit(request)``, its handle or error also handed to ``answer`` as soon as it is known (the
+    caller wakes one loop turn later, not two as through a shield). A failure is returned as None here: it is
+    the caller's to raise, through ``answer``."""
+    try:
+        handle = await runner.submit(request)
+    except asyncio.CancelledError:
+        answer.cancel()
+        raise
+    except BaseException as exc:
+        if not answer.done():
+            answer.set_exception(exc)
+        if not isinstance(exc, Exception):
+            raise
+        return None
+    if not answer.done():
+        answer.set_result(handle)
+    return handle
+
+
+def _cancel_when_submitted(runner: WorkflowRunner, submitting: asyncio.Future[JobHandle | None]) -> None:
     """The caller of ``run`` is gone while its submit is in flight: cancel the job once it exists."""
 
     async def reap() -> None:
         try:
             handle = await submitting
-        except BaseException:  # the submit failed or was cancelled: the provider cleaned up (or nothing ran)
+        except BaseException:  # the submit was cancelled: the provider cleaned up (or nothing ran)
             return
-        await _cancel_quietly(runner, handle)
+        if handle is not None:  # None: the submit failed, nothing to cancel
+            await _cancel_quietly(runner, handle)
 
     task = asyncio.ensure_future(reap())
     _REAPERS.add(task)
