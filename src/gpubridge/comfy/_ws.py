@@ -21,6 +21,7 @@ import os
 import ssl
 import time
 from collections.abc import Callable
+from urllib.parse import urlsplit
 
 __all__ = ["InvalidHandshake", "InvalidStatus", "LeanWebSocket", "connect"]
 
@@ -69,7 +70,8 @@ class LeanWebSocket(asyncio.Protocol):
         self._head: bytearray | None = bytearray()  # the handshake's answer, until it is complete
         self._opened: asyncio.Future[None] = loop.create_future()
         self._closed: asyncio.Future[None] = loop.create_future()
-        self._buf = b""
+        self._buf = bytearray()
+        self._need = 0
         self._frag_op = 0
         self._frag: list[bytes] = []
         self._pending: list[tuple[int, bytes]] = []
@@ -109,9 +111,17 @@ class LeanWebSocket(asyncio.Protocol):
             self._handshake(head)
             if self.transport is None or self.transport.is_closing() or not data:
                 return
-        buf = self._buf + data if self._buf else data
+        if self._buf:  # the rest of a frame: gather it without re-copying what came before
+            self._buf += data
+            if len(self._buf) < self._need:
+                return
+            buf = bytes(self._buf)
+            self._buf = bytearray()
+        else:
+            buf = data
         n = len(buf)
         pos = 0
+        need = 0
         while n - pos >= 2:
             b0, b1 = buf[pos], buf[pos + 1]
             length = b1 & 0x7F
@@ -132,12 +142,15 @@ class LeanWebSocket(asyncio.Protocol):
                 return self._fail(1009, f"a frame of {length} bytes is over max_size")
             end = at + length
             if end > n:
+                need = end - pos
                 break
             self._frame(b0 & 0x0F, b0 & 0x80, buf[at:end])
             pos = end
             if self.transport is None or self.transport.is_closing():
                 return
-        self._buf = buf[pos:] if pos < n else b""
+        if pos < n:
+            self._buf = bytearray(buf[pos:])
+            self._need = need  # bytes the next frame needs in all (0: its header is not complete yet)
 
     # -- frames
 
@@ -296,8 +309,6 @@ async def connect(url: str, *, headers: dict[str, str] | None = None, open_timeo
     """Open ``url`` (``ws://`` or ``wss://``). Raises :class:`InvalidStatus` when the server answers the upgrade
     with another status, :class:`InvalidHandshake` for any other broken answer, ``OSError`` when nothing
     listens and ``TimeoutError`` past ``open_timeout``."""
-    from urllib.parse import urlsplit
-
     split = urlsplit(url)
     secure = split.scheme == "wss"
     host = split.hostname or "127.0.0.1"
