@@ -81,6 +81,8 @@ class LeanWebSocket(asyncio.Protocol):
         self._close_sent = False
         self._ping_sent_at: float | None = None
         self._keepalive: asyncio.TimerHandle | None = None
+        self.last_message_at = loop.time()
+        """Loop time of the last read that brought a message (the client's silence detection)."""
 
     # -- asyncio.Protocol
 
@@ -122,6 +124,8 @@ class LeanWebSocket(asyncio.Protocol):
         n = len(buf)
         pos = 0
         need = 0
+        on_text = self._on_text
+        delivered = False
         while n - pos >= 2:
             b0, b1 = buf[pos], buf[pos + 1]
             length = b1 & 0x7F
@@ -144,10 +148,22 @@ class LeanWebSocket(asyncio.Protocol):
             if end > n:
                 need = end - pos
                 break
-            self._frame(b0 & 0x0F, b0 & 0x80, buf[at:end])
             pos = end
+            if b0 == 0x81 and on_text is not None and not self._frag_op:  # a whole text message: the usual case
+                delivered = True
+                try:
+                    on_text(buf[at:end].decode("utf-8"))
+                except UnicodeDecodeError:
+                    return self._fail(1007, "a text frame that is not UTF-8")
+                except Exception:  # a frame the client could not handle must not end the connection
+                    log.exception("ComfyUI websocket frame handler error")
+                continue
+            delivered = delivered or b0 & 0x0F in (TEXT, BINARY, 0)
+            self._frame(b0 & 0x0F, b0 & 0x80, buf[at:end])
             if self.transport is None or self.transport.is_closing():
                 return
+        if delivered:
+            self.last_message_at = self._loop.time()
         if pos < n:
             self._buf = bytearray(buf[pos:])
             self._need = need  # bytes the next frame needs in all (0: its header is not complete yet)
@@ -235,6 +251,7 @@ class LeanWebSocket(asyncio.Protocol):
         if headers.get(b"sec-websocket-extensions"):
             return self._fail_open(InvalidHandshake("the server negotiated an extension that was not offered"))
         self._opened.set_result(None)
+        self.last_message_at = self._loop.time()
         if self.ping_interval:
             self._keepalive = self._loop.call_later(self.ping_interval, self._ping)
 

@@ -446,9 +446,8 @@ class ComfyClient:
         scheme = "wss" if split.scheme == "https" else "ws"
         self._ws_base = f"{scheme}://{split.netloc}{split.path}/ws"
         self._ws: _ws.LeanWebSocket | None = None
-        self._clock = time.monotonic  # the loop's clock, once started (for _last_frame)
         self._watcher: asyncio.Task[None] | None = None
-        self._last_frame = 0.0  # loop time of the last websocket frame
+
         # Final status of forgotten jobs (bounded by max_retained): a JobStatus, or a success's finish time.
         self._settled: dict[str, JobStatus | float] = {}
         self._reader: asyncio.Task[None] | None = None
@@ -464,6 +463,11 @@ class ComfyClient:
         self.feature_flags: dict[str, Any] = {}
 
     # ------------------------------------------------------------------------------------------ lifecycle
+
+    @property
+    def _last_frame(self) -> float:
+        """Loop time of the last websocket message (the socket's opening counts as one)."""
+        return self._ws.last_message_at if self._ws is not None else 0.0
 
     @property
     def connected(self) -> bool:
@@ -529,8 +533,6 @@ class ComfyClient:
                 provider=self.provider,
             ) from None
         self._epoch += 1
-        self._clock = asyncio.get_running_loop().time
-        self._last_frame = self._clock()
         if isinstance(first, str):
             self._on_text(first)
         return ws
@@ -1024,7 +1026,7 @@ class ComfyClient:
         while not self._closed:
             ws = self._ws
             assert ws is not None
-            ws.deliver(self._text_frame, self._binary_frame)
+            ws.deliver(self._on_text, self._on_binary)
             await ws.wait_closed()
             if self._closed:
                 return
@@ -1041,14 +1043,6 @@ class ComfyClient:
                 return
             # Frames of the new socket wait (in order) until the jobs are reconciled, as they did before.
             await self._reconcile()
-
-    def _text_frame(self, text: str) -> None:
-        self._last_frame = self._clock()
-        self._on_text(text)
-
-    def _binary_frame(self, frame: bytes) -> None:
-        self._last_frame = self._clock()
-        self._on_binary(frame)
 
     async def _reconnect(self) -> _ws.LeanWebSocket:
         backoff = wait_exponential_jitter(multiplier=0.05, max=2.0)
