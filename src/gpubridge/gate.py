@@ -20,7 +20,7 @@ __all__ = ["RequestGate"]
 class RequestGate:
     """One per client; bound to the event loop it is first used on (a new loop gets a new semaphore)."""
 
-    __slots__ = ("limit", "timeout", "_slots", "_loop")
+    __slots__ = ("_loop", "_slots", "limit", "timeout")
 
     def __init__(self, limit: int, timeout: float | None):
         self.limit = limit
@@ -44,7 +44,7 @@ class _Slot:
     """``async with``: one slot of a gate (a class, not a generator-based context manager: it is on every
     request's path)."""
 
-    __slots__ = ("_slots", "_timeout", "_provider", "_what")
+    __slots__ = ("_provider", "_slots", "_timeout", "_what")
 
     def __init__(self, slots: asyncio.Semaphore, timeout: float | None, provider: str | None,
                  what: str | Callable[[], str]):

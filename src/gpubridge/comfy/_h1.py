@@ -71,7 +71,7 @@ class _Body(httpx.AsyncByteStream):
             elif self._length is not None:
                 left = self._length
                 while left > 0:
-                    if reader._buffer:  # noqa: SLF001  already here: no wait, so no timer
+                    if reader._buffer:  # already here: no wait, so no timer
                         chunk = await reader.read(min(left, 1 << 20))
                     else:
                         chunk = await self._t._read(reader.read(min(left, 1 << 20)), self._timeout)
@@ -101,7 +101,7 @@ class Response:
     """A response on the hot path: what ComfyClient reads of one (status, headers, body, JSON), without
     building httpx's request and response models. Header names are lower case."""
 
-    __slots__ = ("status_code", "headers", "raw_headers", "_content", "_body", "_length", "_chunked", "_keep")
+    __slots__ = ("_body", "_chunked", "_content", "_keep", "_length", "headers", "raw_headers", "status_code")
 
     def __init__(self, status_code: int, headers: dict[str, str], raw_headers: list[tuple[bytes, bytes]]):
         self.status_code = status_code
@@ -278,7 +278,7 @@ class H1Transport(httpx.AsyncBaseTransport):
                     answered = True
                     resp = _parse_head(head, method)
                     length = resp._length
-                    if length is not None and (length <= eager or len(reader._buffer) >= length):  # noqa: SLF001
+                    if length is not None and (length <= eager or len(reader._buffer) >= length):
                         # A short body (a ComfyUI answer, a small image), or one already in the reader's buffer:
                         # read now, streamed or not, without a body stream and its timer per read.
                         resp._content = await reader.readexactly(length) if length else b""
