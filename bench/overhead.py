@@ -1,11 +1,13 @@
-"""Per-job overhead: gpubridge's local provider against the minimal raw ComfyUI client, on the same ComfyUI.
+"""Per-job overhead: gpubridge's local provider against the stdlib floor and a raw client, on the same ComfyUI.
 
     python -m bench.overhead [--quick] [--comfy-url URL] [--jobs N]
 
-The raw client (``bench._harness.RawClient``) does the least a client must: ``POST /prompt``, wait on the
-websocket for ``executing`` with ``node: null``, ``GET /history``, ``GET /view``. gpubridge's local
+The stdlib floor (``bench._harness.StdlibClient``: blocking ``http.client`` and a hand-spoken websocket) and
+the raw httpx + websockets client (``bench._harness.RawClient``) do the least a client must: ``POST /prompt``,
+wait on the websocket for ``executing`` with ``node: null``, ``GET /history``, ``GET /view``. gpubridge's local
 provider does everything it always does (validation against the cached ``/object_info``, a per-job output
-prefix, typed events, the ``JobResult`` with artifacts and timings). Both run the same tiny workflow
+folder, events, the ``JobResult`` with artifacts and timings); a fourth arm runs it without the per-job
+output folder (``output_prefix=None``), to show what that folder costs ComfyUI. All run the same tiny workflow
 (EmptyImage 64x64 -> SaveImage, a new colour each job so nothing is cached), one job at a time, in
 alternating blocks after a warm-up; the server is a process of its own (the ComfyUI double by default, or
 the ComfyUI at ``--comfy-url``), so this process's CPU time is the client's.
@@ -47,6 +49,9 @@ async def measure(url: str, jobs: int, block: int) -> dict[str, Any]:
     std = StdlibClient(url)
     std.start()
     runner = LocalRunner(url)
+    # The same provider without the per-job output folder (output_prefix=None): the folder costs ComfyUI a
+    # directory per job (makedirs, and a scan of an empty folder), which no other arm asks for.
+    flat = LocalRunner(url, output_prefix=None)
 
     async def run_std() -> None:
         images = std.run(tiny_workflow(nxt()))  # blocking, on purpose: the floor has no event loop at all
@@ -60,13 +65,18 @@ async def measure(url: str, jobs: int, block: int) -> dict[str, Any]:
         result = await runner.run(tiny_workflow(nxt()))
         assert len(result.images) == 1
 
-    arms = [Arm("stdlib", run_std), Arm("raw", run_raw), Arm("gpubridge", run_ours)]
+    async def run_flat() -> None:
+        result = await flat.run(tiny_workflow(nxt()))
+        assert len(result.images) == 1
+
+    arms = [Arm("stdlib", run_std), Arm("raw", run_raw), Arm("gpubridge", run_ours), Arm("flat", run_flat)]
     try:
         await alternate(arms, jobs, block)
     finally:
         std.close()
         await raw.close()
         await runner.aclose()
+        await flat.aclose()
     return {a.name: {"p50": statistics.median(a.latencies), "mean": statistics.fmean(a.latencies),
                      "cpu": statistics.fmean(a.cpu), "n": len(a.latencies)} for a in arms}
 
@@ -75,7 +85,7 @@ def run(quick: bool = False, comfy_url: str | None = None, jobs: int | None = No
     size = SIZES["quick" if quick else "full"]
     with comfy_or(comfy_url) as server:
         found = asyncio.run(measure(server.url, jobs or size["jobs"], size["block"]))
-    std, raw, ours = found["stdlib"], found["raw"], found["gpubridge"]
+    std, raw, ours, flat = found["stdlib"], found["raw"], found["gpubridge"], found["flat"]
     where = "real ComfyUI" if comfy_url else "ComfyUI double"
     ratio = ours["p50"] / std["p50"]
     cpu_ratio = ours["cpu"] / std["cpu"]
@@ -84,6 +94,10 @@ def run(quick: bool = False, comfy_url: str | None = None, jobs: int | None = No
             ms(std["p50"]), ms(ours["p50"]), ratio, f"<= {TARGET:.2f}x", verdict(ratio <= TARGET), found),
         Row("overhead", f"client CPU per job, local vs the stdlib floor ({where})", ms(std["cpu"]),
             ms(ours["cpu"]), cpu_ratio, f"<= {CPU_TARGET:.2f}x", verdict(cpu_ratio <= CPU_TARGET)),
+        Row("overhead", f"local provider without its per-job output folder vs the stdlib floor, p50 ({where})",
+            ms(std["p50"]), ms(flat["p50"]), flat["p50"] / std["p50"], "", "info"),
+        Row("overhead", f"client CPU per job, local without the per-job folder vs the stdlib floor ({where})",
+            ms(std["cpu"]), ms(flat["cpu"]), flat["cpu"] / std["cpu"], "", "info"),
         Row("overhead", f"local provider vs a raw httpx + websockets client, p50 per job ({where})",
             ms(raw["p50"]), ms(ours["p50"]), ours["p50"] / raw["p50"], "", "info"),
         Row("overhead", f"client CPU per job, raw httpx client vs the stdlib floor ({where})", ms(std["cpu"]),

@@ -5,9 +5,9 @@ import threading
 
 import pytest
 
-from gpubridge.errors import JobFailed, JobTimeout
+from gpubridge.errors import JobFailed, JobTimeout, WorkflowInvalid
 from gpubridge.models import EventType, JobEvent, JobRequest, JobState, Workflow
-from gpubridge.runner import EventStream, RunnerWrapper, SyncRunner, as_request
+from gpubridge.runner import EventStream, RunnerWrapper, SyncRunner, as_request, settle_pending_cancels
 
 from .fakes import ScriptedRunner
 
@@ -49,6 +49,43 @@ async def test_event_stream_wakes_waiting_subscribers():
     assert got == [EventType.STARTED, EventType.FAILED]
 
 
+async def test_recorded_events_are_built_when_read_with_the_time_they_were_recorded():
+    stream = EventStream()
+    stream.record(EventType.QUEUED, {"job_id": "j", "provider": "p"})
+    stream.record(EventType.PROGRESS, {"job_id": "j", "node_id": "3", "value": 2, "max": 4})
+    assert all(type(item) is tuple for item in stream._events)  # nothing built while nobody reads
+    recorded_at = stream._events[0][2]
+    stream.record(EventType.SUCCEEDED, {"job_id": "j", "provider": "p"})
+    assert stream.closed  # a recorded terminal event ends the stream as a published one does
+    stream.record(EventType.PROGRESS, {"job_id": "j"})  # after terminal: dropped
+    first = [e async for e in stream.subscribe()]
+    second = [e async for e in stream.subscribe()]
+    assert [e.type for e in first] == [EventType.QUEUED, EventType.PROGRESS, EventType.SUCCEEDED]
+    assert first[0].at == recorded_at and first[0].provider == "p"
+    assert first[1].value == 2.0 and isinstance(first[1].value, float)  # validated as JobEvent() validates
+    assert all(a is b for a, b in zip(first, second))  # built once, shared by every reader
+    assert stream.last() is first[-1]
+
+
+async def test_recorded_and_published_events_wake_a_waiting_subscriber_in_order():
+    stream = EventStream()
+    got: list[EventType] = []
+    ready = asyncio.Event()
+
+    async def follow() -> None:
+        ready.set()
+        async for e in stream.subscribe():
+            got.append(e.type)
+
+    task = asyncio.create_task(follow())
+    await ready.wait()
+    stream.record(EventType.STARTED, {"job_id": "j"})
+    stream.publish(ev(EventType.PROGRESS))
+    stream.record(EventType.FAILED, {"job_id": "j", "message": "boom"})
+    await task
+    assert got == [EventType.STARTED, EventType.PROGRESS, EventType.FAILED]
+
+
 async def test_event_stream_bounded_retention():
     stream = EventStream(maxlen=3)
     for _ in range(10):
@@ -75,6 +112,44 @@ async def test_run_cancels_the_remote_job_when_the_caller_is_cancelled():
     (job_id,) = runner.jobs
     assert runner.cancelled == [job_id]
     assert runner.jobs[job_id].state is JobState.CANCELLED
+
+
+class _HeldSubmit(ScriptedRunner):
+    """A runner whose submit waits at ``release`` (an upload, a POST the backend is still validating)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def submit(self, request: JobRequest):
+        self.entered.set()
+        await self.release.wait()
+        return await super().submit(request)
+
+
+async def test_a_caller_cancelled_while_its_submit_is_in_flight_gets_its_job_cancelled_once_it_exists():
+    runner = _HeldSubmit()
+    task = asyncio.create_task(runner.run(WF))
+    await runner.entered.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task  # at once: the caller does not wait for the submit
+    assert runner.jobs == {}
+    runner.release.set()  # the submit finishes in the background ...
+    await runner.next_job()
+    await settle_pending_cancels(runner)
+    (job_id,) = runner.jobs
+    assert runner.cancelled == [job_id]  # ... and the job it created is cancelled
+
+
+async def test_a_submit_error_reaches_the_caller_as_it_was_raised_and_nothing_is_left_behind(caplog):
+    runner = ScriptedRunner()
+    runner.submit_errors.append(WorkflowInvalid(error={"type": "bad", "message": "no"}, node_errors={}))
+    with pytest.raises(WorkflowInvalid):
+        await runner.run(WF)
+    assert runner.cancelled == [] and runner.jobs == {}
+    assert "never retrieved" not in caplog.text
 
 
 async def test_run_raises_typed_failure():

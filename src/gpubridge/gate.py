@@ -10,8 +10,7 @@ in front of its pool, sized to the pool.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import Callable
 
 from .errors import ProviderUnavailable
 
@@ -21,7 +20,7 @@ __all__ = ["RequestGate"]
 class RequestGate:
     """One per client; bound to the event loop it is first used on (a new loop gets a new semaphore)."""
 
-    __slots__ = ("limit", "timeout", "_slots", "_loop")
+    __slots__ = ("_loop", "_slots", "limit", "timeout")
 
     def __init__(self, limit: int, timeout: float | None):
         self.limit = limit
@@ -35,20 +34,34 @@ class RequestGate:
             self._slots, self._loop = asyncio.Semaphore(self.limit), loop
         return self._slots
 
-    @contextlib.asynccontextmanager
-    async def slot(self, *, provider: str | None, what: str) -> AsyncIterator[None]:
-        """Hold one slot around one request. ``what`` names it in the timeout's message."""
-        slots = self._semaphore()
+    def slot(self, *, provider: str | None, what: str | Callable[[], str]) -> _Slot:
+        """Hold one slot around one request (``async with gate.slot(...)``). ``what`` names it in the timeout's
+        message (a callable is called only then: a hot path need not format it per request)."""
+        return _Slot(self._semaphore(), self.timeout, provider, what)
+
+
+class _Slot:
+    """``async with``: one slot of a gate (a class, not a generator-based context manager: it is on every
+    request's path)."""
+
+    __slots__ = ("_provider", "_slots", "_timeout", "_what")
+
+    def __init__(self, slots: asyncio.Semaphore, timeout: float | None, provider: str | None,
+                 what: str | Callable[[], str]):
+        self._slots, self._timeout, self._provider, self._what = slots, timeout, provider, what
+
+    async def __aenter__(self) -> None:
+        slots = self._slots
         if slots.locked():
             try:
-                async with asyncio.timeout(self.timeout):
+                async with asyncio.timeout(self._timeout):
                     await slots.acquire()
             except TimeoutError:
+                what = self._what if isinstance(self._what, str) else self._what()
                 raise ProviderUnavailable(f"{what} timed out waiting for a connection (PoolTimeout)",
-                                          provider=provider) from None
+                                          provider=self._provider) from None
         else:
             await slots.acquire()
-        try:
-            yield
-        finally:
-            slots.release()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._slots.release()

@@ -37,6 +37,7 @@ from typing import Any, TypeVar, Union
 from .errors import JobTimeout
 from .models import (
     STATE_EVENTS,
+    TERMINAL_EVENTS,
     EventType,
     HealthReport,
     JobEvent,
@@ -131,14 +132,19 @@ class WorkflowRunner(abc.ABC):
         as soon as its id is known, so nothing runs to completion unnoticed.
         """
         req = as_request(request, **fields)
-        submitting = asyncio.ensure_future(self.submit(req))
+        # The submit runs in a task of its own, so a cancelled caller leaves it to finish; it hands its handle
+        # (or error) to ``answer``, which is all the caller waits on (the caller's cancel cancels only that).
+        answer: asyncio.Future[JobHandle] = asyncio.get_running_loop().create_future()
+        submitting = asyncio.ensure_future(_submit_answering(self, req, answer))
         try:
-            handle = await asyncio.shield(submitting)
+            handle = await answer
         except asyncio.CancelledError:
-            if submitting.done() and not submitting.cancelled() and submitting.exception() is None:
-                await _cancel_quietly(self, submitting.result())  # submitted just now: cancel it here
-            else:
+            if answer.done() and not answer.cancelled():
+                answer.exception()  # retrieved (a submit error that lost the race with this cancel is not logged)
+            if not submitting.done():
                 _cancel_when_submitted(self, submitting)
+            elif not submitting.cancelled() and submitting.exception() is None and submitting.result() is not None:
+                await _cancel_quietly(self, submitting.result())  # submitted just now: cancel it here
             raise
         watcher = asyncio.create_task(_forward_events(self, handle, on_event)) if on_event else None
         try:
@@ -187,15 +193,37 @@ async def settle_pending_cancels(runner: WorkflowRunner, timeout: float = CLOSE_
         await asyncio.wait(pending, timeout=timeout)
 
 
-def _cancel_when_submitted(runner: WorkflowRunner, submitting: asyncio.Future[JobHandle]) -> None:
+async def _submit_answering(runner: WorkflowRunner, request: JobRequest,
+                            answer: asyncio.Future[JobHandle]) -> JobHandle | None:
+    """``runner.submit(request)``, its handle or error also handed to ``answer`` as soon as it is known (the
+    caller wakes one loop turn later, not two as through a shield). A failure is returned as None here: it is
+    the caller's to raise, through ``answer``."""
+    try:
+        handle = await runner.submit(request)
+    except asyncio.CancelledError:
+        answer.cancel()
+        raise
+    except BaseException as exc:
+        if not answer.done():
+            answer.set_exception(exc)
+        if not isinstance(exc, Exception):
+            raise
+        return None
+    if not answer.done():
+        answer.set_result(handle)
+    return handle
+
+
+def _cancel_when_submitted(runner: WorkflowRunner, submitting: asyncio.Future[JobHandle | None]) -> None:
     """The caller of ``run`` is gone while its submit is in flight: cancel the job once it exists."""
 
     async def reap() -> None:
         try:
             handle = await submitting
-        except BaseException:  # the submit failed or was cancelled: the provider cleaned up (or nothing ran)
+        except BaseException:  # the submit was cancelled: the provider cleaned up (or nothing ran)
             return
-        await _cancel_quietly(runner, handle)
+        if handle is not None:  # None: the submit failed, nothing to cancel
+            await _cancel_quietly(runner, handle)
 
     task = asyncio.ensure_future(reap())
     _REAPERS.add(task)
@@ -268,12 +296,17 @@ class EventStream:
 
     ``publish`` never blocks. A subscriber that joins late gets the events still held (the last
     ``maxlen``), then live ones; the stream ends after a terminal event or :meth:`close`.
+
+    :meth:`record` logs an event without building it: the :class:`~gpubridge.models.JobEvent` (a validated
+    pydantic model) is made the first time a subscriber (or :meth:`last`) reads it, with the time it was
+    recorded. A job nobody follows then pays for a tuple per event, not a model.
     """
 
     __slots__ = ("_events", "_offset", "_changed", "_closed", "maxlen")
 
     def __init__(self, maxlen: int = 512):
-        self._events: collections.deque[JobEvent] = collections.deque()
+        # JobEvent, or (type, fields, at) still to be built (see record)
+        self._events: collections.deque[JobEvent | tuple[EventType, dict[str, Any], float]] = collections.deque()
         self._offset = 0  # index of _events[0] in the whole history
         self._changed: asyncio.Event | None = None
         self._closed = False
@@ -284,13 +317,21 @@ class EventStream:
         return self._closed
 
     def publish(self, event: JobEvent) -> None:
+        self._append(event, event.terminal)
+
+    def record(self, type: EventType, fields: dict[str, Any]) -> None:
+        """Publish ``JobEvent(type=type, **fields)`` stamped now, built only when someone reads it."""
+        self._append((type, fields, time.time()), type in TERMINAL_EVENTS)
+
+    def _append(self, item: JobEvent | tuple[EventType, dict[str, Any], float], terminal: bool) -> None:
         if self._closed:
             return
-        self._events.append(event)
-        if len(self._events) > self.maxlen:
-            self._events.popleft()
+        events = self._events
+        events.append(item)
+        if len(events) > self.maxlen:
+            events.popleft()
             self._offset += 1
-        if event.terminal:
+        if terminal:
             self._closed = True
         if self._changed is not None:
             self._changed.set()
@@ -302,8 +343,19 @@ class EventStream:
             self._changed.set()
             self._changed = None
 
+    def _event(self, i: int) -> JobEvent:
+        item = self._events[i]
+        if type(item) is tuple:
+            kind, fields, at = item
+            try:
+                item = JobEvent(type=kind, at=at, **fields)
+            except ValueError:  # a field from the wire that is not what it should be: keep the event as sent
+                item = JobEvent.model_construct(type=kind, at=at, **fields)
+            self._events[i] = item  # built once, whoever reads it first
+        return item  # type: ignore[return-value]
+
     def last(self) -> JobEvent | None:
-        return self._events[-1] if self._events else None
+        return self._event(-1) if self._events else None
 
     async def subscribe(self) -> AsyncIterator[JobEvent]:
         index = self._offset
@@ -311,7 +363,7 @@ class EventStream:
             if index < self._offset:
                 index = self._offset  # fell behind the retained window
             while index - self._offset < len(self._events):
-                event = self._events[index - self._offset]
+                event = self._event(index - self._offset)
                 index += 1
                 yield event
             if self._closed:
@@ -319,8 +371,6 @@ class EventStream:
             if self._changed is None:
                 self._changed = asyncio.Event()
             await self._changed.wait()
-
-
 
 
 async def poll_events(

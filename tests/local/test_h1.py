@@ -123,3 +123,34 @@ async def test_connection_close_and_a_cut_body_and_refused_and_timeout(server):
         await t.aclose()
     with pytest.raises(httpx.ConnectError):
         await _get(H1Transport(), 1)
+
+
+async def test_a_streamed_body_returns_its_connection_only_when_read_to_the_end(server):
+    async def answer(writer, head, body, n):
+        if b"/partial" in head:  # the head and half the body: the rest never comes
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nabc")
+            await writer.drain()
+            return False
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: 6\r\n\r\nabcdef")
+        await writer.drain()
+
+    _, port, conns = await server(answer)
+    t = H1Transport()
+    where = ("127.0.0.1", port, f"127.0.0.1:{port}")
+    try:
+        resp = await t.exchange(*where, "GET", "/view", [], b"", 5.0, stream=True, eager=0)
+        assert resp.headers["content-type"] == "image/png" and resp.headers.get("content-length") == "6"
+        assert b"".join([c async for c in resp.aiter_bytes()]) == b"abcdef"
+        await resp.aclose()
+        assert len(t._idle) == 1  # read to its end: kept alive
+        resp = await t.exchange(*where, "GET", "/view", [], b"", 5.0, stream=True)  # eager: short, read with the head
+        assert resp._content == b"abcdef" and len(t._idle) == 1  # and its connection back at once
+        await resp.aclose()
+        resp = await t.exchange(*where, "GET", "/partial", [], b"", 5.0, stream=True, eager=0)
+        assert resp._content is None  # still streaming
+        await resp.aclose()  # abandoned before its body was read: that connection cannot be reused
+        assert not t._idle
+        assert (await _get(t, port)).content == b"abcdef"
+    finally:
+        await t.aclose()
+    assert len(conns) == 2

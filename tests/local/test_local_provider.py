@@ -197,6 +197,29 @@ async def test_crash_mid_job_fails_with_retryable_error(local, comfy):
     assert info.value.retryable and "went away" in str(info.value)
 
 
+async def test_a_job_nobody_follows_builds_no_event_objects_and_still_replays_them(local):
+    handle = await local.submit(JobRequest(workflow=INVERT))
+    job = local.client.job(handle.job_id)
+    await job.wait()
+    assert job.stream._events and all(type(item) is tuple for item in job.stream._events)  # recorded only
+    events = [e async for e in local.events(handle)]  # a late subscriber still gets every event, built now
+    types = [e.type for e in events]
+    assert types[0] is EventType.QUEUED and types[1] is EventType.STARTED and types[-1] is EventType.SUCCEEDED
+    assert all(e.job_id == handle.job_id and e.provider == "local" for e in events)
+    assert [e.at for e in events] == sorted(e.at for e in events)
+    await local.wait(handle)
+
+
+async def test_status_after_wait_of_a_success_is_answered_from_the_compact_record(local, comfy):
+    handle = await local.submit(JobRequest(workflow=INVERT))
+    result = await local.wait(handle)
+    assert local.client.job(handle.job_id) is None  # the record was dropped with the result delivered
+    comfy.history.clear()  # so ComfyUI cannot be what answers
+    status = await local.status(handle)
+    assert status.state is JobState.SUCCEEDED and status.error is None and status.job_id == handle.job_id
+    assert status.updated_at == result.timings.finished_at
+
+
 async def test_status_and_result_from_another_client(local, comfy):
     handle = await local.submit(JobRequest(workflow=INVERT))
     await local.wait(handle)
@@ -307,3 +330,18 @@ async def test_a_result_fetched_by_another_process_has_honest_timings(comfy):
     assert t.started_at == messages["execution_start"]["timestamp"] / 1000  # ComfyUI's own timestamps,
     assert t.finished_at == messages["execution_success"]["timestamp"] / 1000  # not when we asked
     assert t.executing_s == round(t.finished_at - t.started_at, 6) and t.finished_at <= time.time()
+
+
+async def test_an_output_over_the_cap_is_refused_on_the_hot_path_without_reading_it(comfy):
+    """The lean transport reads a short body with its head, but never one over max_output_bytes: the declared
+    length refuses it first."""
+    from gpubridge.errors import PayloadTooLarge
+
+    runner = LocalRunner(comfy.url, max_output_bytes=64)
+    try:
+        assert runner.client._h1 is not None  # the hot path, not httpx
+        with pytest.raises(PayloadTooLarge, match="max_output_bytes"):
+            await runner.run(JobRequest(workflow=INVERT))
+        assert not runner.client._h1._idle or all(c.usable() for c in runner.client._h1._idle)
+    finally:
+        await runner.aclose()

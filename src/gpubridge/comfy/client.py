@@ -24,7 +24,6 @@ from urllib.parse import urlencode, urlsplit
 
 import httpx
 import imagesize
-import websockets
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
@@ -32,8 +31,6 @@ from tenacity import (
     stop_after_delay,
     wait_exponential_jitter,
 )
-from websockets.asyncio.client import ClientConnection
-from websockets.asyncio.client import connect as ws_connect
 
 from ..errors import (
     AuthError,
@@ -51,7 +48,8 @@ from ..errors import (
 )
 from ..fetch import UrlFetcher
 from ..gate import RequestGate
-from ._h1 import H1Transport
+from ._h1 import EAGER_BYTES, H1Transport
+from ._h1 import Response as H1Response
 from ..models import (
     Artifact,
     ArtifactKind,
@@ -67,7 +65,7 @@ from ..models import (
     Timings,
 )
 from ..runner import EventStream
-from . import protocol
+from . import _ws, protocol
 from .validate import PromptValidator
 
 __all__ = ["ComfyClient", "ComfyJob", "unreachable_message"]
@@ -113,9 +111,11 @@ class ComfyJob:
         "current_node",
         "progress_value",
         "progress_max",
-        "nodes_done",
+        "_nodes_done",
+        "_progress_state",
         "nodes_total",
         "done",
+        "_waiters",
         "stream",
         "_timer",
         "tags",
@@ -147,9 +147,13 @@ class ComfyJob:
         self.current_node: str | None = None
         self.progress_value: float | None = None
         self.progress_max: float | None = None
-        self.nodes_done = 0
+        self._nodes_done = 0
+        self._progress_state: str | Mapping[str, Any] | None = None  # the last progress_state, not yet read
         self.nodes_total = len(prompt)
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # Futures of wait() callers, set when ``done`` is: a waiter wakes one loop turn after the job ends
+        # (through a shield of ``done`` it took two), and a cancelled waiter cancels only its own future.
+        self._waiters: list[asyncio.Future[None]] = []
         self.stream = EventStream()
         self._timer: asyncio.TimerHandle | None = None
         self.tags: dict[str, Any] = {}
@@ -159,6 +163,23 @@ class ComfyJob:
         self.closed: str | None = None  # the client was closed before the job finished
 
     # -- views
+
+    @property
+    def nodes_done(self) -> int:
+        """Nodes finished, from ComfyUI's last ``progress_state`` frame (decoded here, when asked)."""
+        raw = self._progress_state
+        if raw is not None:
+            self._progress_state = None
+            with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):
+                data = json.loads(raw)["data"] if isinstance(raw, str) else raw
+                nodes = data.get("nodes") or {}
+                self._nodes_done = sum(1 for n in nodes.values() if n.get("state") == "finished")
+        return self._nodes_done
+
+    @nodes_done.setter
+    def nodes_done(self, value: int) -> None:
+        self._progress_state = None
+        self._nodes_done = value
 
     @property
     def finished(self) -> bool:
@@ -228,7 +249,10 @@ class ComfyJob:
     # -- internal transitions (called by the client)
 
     def _emit(self, type: EventType, **fields: Any) -> None:
-        self.stream.publish(JobEvent(type=type, job_id=self.prompt_id, provider=self.client.provider, **fields))
+        # Recorded, not built: the JobEvent is made when a subscriber reads it (most jobs have none).
+        fields["job_id"] = self.prompt_id
+        fields["provider"] = self.client.provider
+        self.stream.record(type, fields)
 
     def _finish(self, state: JobState, message: str | None = None) -> None:
         if self.done.done():
@@ -252,7 +276,14 @@ class ComfyJob:
             message=message or (str(err) if err else None),
             data={"error": err.to_dict()} if err else {},
         )
+        self._set_done()
+
+    def _set_done(self) -> None:
         self.done.set_result(None)
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     def _abandon(self, reason: str) -> None:
         """The client closed: end waiters and event streams without claiming a terminal state."""
@@ -263,7 +294,7 @@ class ComfyJob:
             self._timer.cancel()
             self._timer = None
         self.stream.close()
-        self.done.set_result(None)
+        self._set_done()
 
     # -- public
 
@@ -271,7 +302,14 @@ class ComfyJob:
         """Wait until the job is finished (any terminal state). ``timeout`` only bounds the wait."""
         if not self.done.done():
             if timeout is None:
-                await asyncio.shield(self.done)
+                waiter = self.done.get_loop().create_future()
+                self._waiters.append(waiter)
+                try:
+                    await waiter
+                except asyncio.CancelledError:
+                    with contextlib.suppress(ValueError):
+                        self._waiters.remove(waiter)
+                    raise
             else:
                 try:
                     await asyncio.wait_for(asyncio.shield(self.done), timeout)
@@ -296,7 +334,7 @@ class ComfyJob:
 
 
 def _is_transient(exc: BaseException) -> bool:
-    return isinstance(exc, (OSError, websockets.exceptions.InvalidHandshake, TimeoutError, ProviderUnavailable))
+    return isinstance(exc, (OSError, _ws.InvalidHandshake, TimeoutError, ProviderUnavailable))
 
 
 # Background tasks that keep a prompt from running unobserved; aclose() lets them finish (close_grace).
@@ -407,10 +445,11 @@ class ComfyClient:
         split = urlsplit(self.url)
         scheme = "wss" if split.scheme == "https" else "ws"
         self._ws_base = f"{scheme}://{split.netloc}{split.path}/ws"
-        self._ws: ClientConnection | None = None
+        self._ws: _ws.LeanWebSocket | None = None
         self._watcher: asyncio.Task[None] | None = None
-        self._last_frame = 0.0  # loop time of the last websocket frame
-        self._settled: dict[str, JobStatus] = {}  # final status of forgotten jobs (bounded)
+
+        # Final status of forgotten jobs (bounded by max_retained): a JobStatus, or a success's finish time.
+        self._settled: dict[str, JobStatus | float] = {}
         self._reader: asyncio.Task[None] | None = None
         self._start_lock: asyncio.Lock | None = None
         self._jobs: dict[str, ComfyJob] = {}
@@ -424,6 +463,11 @@ class ComfyClient:
         self.feature_flags: dict[str, Any] = {}
 
     # ------------------------------------------------------------------------------------------ lifecycle
+
+    @property
+    def _last_frame(self) -> float:
+        """Loop time of the last websocket message (the socket's opening counts as one)."""
+        return self._ws.last_message_at if self._ws is not None else 0.0
 
     @property
     def connected(self) -> bool:
@@ -453,22 +497,19 @@ class ComfyClient:
         """A fresh client id for the next connection (see the class doc)."""
         self.client_id = uuid.uuid4().hex
 
-    async def _connect_ws(self) -> ClientConnection:
+    async def _connect_ws(self) -> _ws.LeanWebSocket:
         try:
-            ws = await ws_connect(
+            ws = await _ws.connect(
                 self._ws_url,
-                additional_headers=self._headers or None,
-                compression=None,
-                max_size=_MAX_WS_FRAME,
-                max_queue=None,
+                headers=self._headers or None,
                 open_timeout=self.connect_timeout,
+                max_size=_MAX_WS_FRAME,
                 ping_interval=self.ping_interval,
                 ping_timeout=self.ping_interval,
-                proxy=None,
-                user_agent_header="gpubridge",
+                user_agent="gpubridge",
             )
-        except websockets.exceptions.InvalidStatus as exc:
-            code = exc.response.status_code
+        except _ws.InvalidStatus as exc:
+            code = exc.status_code
             if code in (401, 403):
                 raise AuthError(
                     f"ComfyUI at {self.url} refused the websocket (HTTP {code})", provider=self.provider
@@ -478,12 +519,12 @@ class ComfyClient:
                 provider=self.provider,
                 status_code=code,
             ) from None
-        except (OSError, TimeoutError, websockets.exceptions.InvalidHandshake) as exc:
+        except (OSError, TimeoutError, _ws.InvalidHandshake) as exc:
             reason = "connection refused" if isinstance(exc, ConnectionRefusedError) else _short(exc)
             raise ProviderUnavailable(unreachable_message(self.url, reason, self.url_setting), provider=self.provider) from None
         # The first frame is always a status frame with our sid: the socket is registered once it arrives.
         try:
-            first = await asyncio.wait_for(ws.recv(), self.connect_timeout)
+            first = await asyncio.wait_for(ws.first(), self.connect_timeout)
         except Exception as exc:
             await ws.close()
             self._new_client_id()  # that socket may have registered the id: its cleanup would unregister it
@@ -492,7 +533,6 @@ class ComfyClient:
                 provider=self.provider,
             ) from None
         self._epoch += 1
-        self._last_frame = asyncio.get_running_loop().time()
         if isinstance(first, str):
             self._on_text(first)
         return ws
@@ -547,23 +587,11 @@ class ComfyClient:
         """One of the request gate's slots (nothing to wait for when the caller brought its own client)."""
         if self._gate is None:
             return contextlib.nullcontext()
-        return self._gate.slot(provider=self.provider, what=f"ComfyUI at {self.url} on {method} {path}")
+        return self._gate.slot(provider=self.provider, what=lambda: f"ComfyUI at {self.url} on {method} {path}")
 
-    async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response | H1Response:
         async with self._slot(method, path):
             return await self._send(method, path, **kwargs)
-
-    @contextlib.asynccontextmanager
-    async def _stream(self, method: str, path: str, **kwargs: Any) -> AsyncIterator[httpx.Response]:
-        """A request whose body is read by the caller (``aiter_bytes``), holding its slot until done."""
-        async with self._slot(method, path):
-            resp = await self._send(method, path, stream=True, **kwargs)
-            try:
-                yield resp
-            except httpx.TransportError as exc:  # timeouts included: reading the streamed body
-                raise self._transport_failure(method, path, exc) from None
-            finally:
-                await resp.aclose()
 
     def _transport_failure(self, method: str, path: str, exc: httpx.TransportError) -> ProviderUnavailable:
         """A timeout or dropped connection on ``method path``, as the retryable error it is."""
@@ -574,26 +602,29 @@ class ComfyClient:
         return ProviderUnavailable(f"ComfyUI at {self.url} {what}", provider=self.provider)
 
     async def _fast(self, method: str, path: str, stream: bool, params: Any = None, content: bytes | None = None,
-                    json: Any = None, headers: Mapping[str, str] | None = None) -> httpx.Response:
+                    json: Any = None, headers: Mapping[str, str] | None = None,
+                    eager: int = EAGER_BYTES) -> H1Response:
         """The hot path: straight to the HTTP/1.1 transport, without httpx's request building (URL parsing,
         cookies, auth, redirects: none of which a request to ComfyUI uses)."""
         assert self._h1 is not None
         host, port, netloc, prefix = self._h1_where
-        target = prefix + path + ("?" + urlencode(params) if params else "")
+        if params:  # a query string as it is, or a mapping to encode
+            target = prefix + path + "?" + (params if isinstance(params, str) else urlencode(params))
+        else:
+            target = prefix + path
         body = content if content is not None else (_dumps(json) if json is not None else b"")
         merged = {**self._headers, **(headers or {})}
         if json is not None:
             merged["content-type"] = "application/json"
-        resp = await self._h1.exchange(host, port, netloc, method, target, list(merged.items()), body,
-                                       self._read_timeout)
-        if not stream:
-            await resp.aread()
-        return resp
+        return await self._h1.exchange(host, port, netloc, method, target, list(merged.items()), body,
+                                       self._read_timeout, stream, eager)
 
-    async def _send(self, method: str, path: str, *, stream: bool = False, **kwargs: Any) -> httpx.Response:
+    async def _send(self, method: str, path: str, *, stream: bool = False,
+                    **kwargs: Any) -> httpx.Response | H1Response:
+        eager = kwargs.pop("eager", EAGER_BYTES)  # for the hot path only (see H1Transport.exchange)
         try:
             if self._h1 is not None and not (kwargs.keys() - {"params", "content", "json", "headers"}):
-                resp = await self._fast(method, path, stream, **kwargs)
+                resp = await self._fast(method, path, stream, eager=eager, **kwargs)
             elif stream:
                 resp = await self._http.send(self._http.build_request(method, path, **kwargs), stream=True)
             else:
@@ -663,19 +694,38 @@ class ComfyClient:
     ) -> tuple[bytes, str | None]:
         """One output file, streamed; more than ``max_bytes`` (default ``max_output_bytes``) raises
         PayloadTooLarge as soon as that is known, without reading the rest."""
+        query = urlencode({"filename": filename, "subfolder": subfolder, "type": type})
+        return await self._view(query, filename, max_bytes)
+
+    async def _view(self, query: str, filename: str, max_bytes: int | None = None) -> tuple[bytes, str | None]:
+        """``view`` for an encoded query string (the caller reuses it for the artifact's URL)."""
         limit = self.max_output_bytes if max_bytes is None else max_bytes
-        params = {"filename": filename, "subfolder": subfolder, "type": type}
-        async with self._stream("GET", "/view", params=params) as resp:
-            content_type = resp.headers.get("content-type")
-            declared = resp.headers.get("content-length", "")
-            if limit is not None and declared.isdigit() and int(declared) > limit:
-                raise self._too_large(filename, limit, int(declared))
-            body = bytearray()
-            async for chunk in resp.aiter_bytes():
-                body += chunk
-                if limit is not None and len(body) > limit:
-                    raise self._too_large(filename, limit, None)
-        return bytes(body), content_type
+        async with self._slot("GET", "/view"):
+            # A small output comes with the head (one timer, no body stream); never more than the cap.
+            resp = await self._send("GET", "/view", stream=True, params=query,
+                                    eager=EAGER_BYTES if limit is None else min(limit, EAGER_BYTES))
+            try:
+                content_type = resp.headers.get("content-type")
+                declared = resp.headers.get("content-length", "")
+                if limit is not None and declared.isdigit() and int(declared) > limit:
+                    raise self._too_large(filename, limit, int(declared))
+                if isinstance(resp, H1Response) and resp._content is not None:  # came whole with the head
+                    if limit is not None and len(resp._content) > limit:
+                        raise self._too_large(filename, limit, None)
+                    return resp._content, content_type
+                parts: list[bytes] = []
+                size = 0
+                async for chunk in resp.aiter_bytes():
+                    parts.append(chunk)
+                    size += len(chunk)
+                    if limit is not None and size > limit:
+                        raise self._too_large(filename, limit, None)
+                body = parts[0] if len(parts) == 1 else b"".join(parts)  # one chunk (the usual case): no copy
+            except httpx.TransportError as exc:  # timeouts included: reading the streamed body
+                raise self._transport_failure("GET", "/view", exc) from None
+            finally:
+                await resp.aclose()
+        return body, content_type
 
     def _too_large(self, filename: str, limit: int, size: int | None) -> PayloadTooLarge:
         what = f"{size} bytes" if size is not None else f"more than {limit} bytes"
@@ -728,7 +778,12 @@ class ComfyClient:
         if job.state.is_terminal:
             # Keep the final word (small): ComfyUI cannot tell a job we timed out from one interrupted by
             # hand, and forgets prompts it dequeued, so status() and cancel() after wait() ask here first.
-            self._settled[prompt_id] = job.status()
+            # A plain success (the usual case) is kept as its finish time alone: a float, not a model, so
+            # the up to max_retained words kept cost ~100 bytes each and no gc-tracked objects.
+            self._settled[prompt_id] = (
+                job.finished_at or time.time() if job.state is JobState.SUCCEEDED and job.closed is None
+                else job.status()
+            )
             while len(self._settled) > self.max_retained:
                 del self._settled[next(iter(self._settled))]
 
@@ -966,23 +1021,13 @@ class ComfyClient:
     # ------------------------------------------------------------------------------------------- websocket
 
     async def _read_loop(self) -> None:
-        loop = asyncio.get_running_loop()
+        """Hand the socket's frames to the jobs (in the socket's own callbacks: no task switch per frame) until
+        it drops, then reconnect and reconcile."""
         while not self._closed:
             ws = self._ws
             assert ws is not None
-            try:
-                async for frame in ws:
-                    self._last_frame = loop.time()
-                    if type(frame) is str:
-                        self._on_text(frame)
-                    else:
-                        self._on_binary(frame)
-            except websockets.exceptions.ConnectionClosed:
-                pass
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # a frame we could not handle must not kill the reader
-                log.exception("ComfyUI websocket reader error")
+            ws.deliver(self._on_text, self._on_binary)
+            await ws.wait_closed()
             if self._closed:
                 return
             log.warning("websocket to %s dropped; reconnecting", self.url)
@@ -996,9 +1041,10 @@ class ComfyClient:
                 self._ws = None
                 self._fail_all(f"ComfyUI at {self.url} went away and did not come back ({_short(exc)})")
                 return
+            # Frames of the new socket wait (in order) until the jobs are reconciled, as they did before.
             await self._reconcile()
 
-    async def _reconnect(self) -> ClientConnection:
+    async def _reconnect(self) -> _ws.LeanWebSocket:
         backoff = wait_exponential_jitter(multiplier=0.05, max=2.0)
         give_up_at = time.monotonic() + self.reconnect_timeout
 
@@ -1144,6 +1190,22 @@ class ComfyClient:
             job._emit(EventType.STARTED)
 
     def _on_text(self, text: str) -> None:
+        # ComfyUI writes every frame as json.dumps({"type": ..., "data": ...}): the type can be read without
+        # decoding the frame. Of a job's ~14 frames, the queue broadcasts (status) and execution_success are
+        # ignored, and progress_state (the largest) is only needed when someone asks for the job's progress:
+        # those are not decoded here. Anything else, or a frame not written that way, is decoded.
+        if text.startswith('{"type": "'):
+            mtype = text[10:text.find('"', 10)]
+            if mtype in _UNREAD_FRAMES:
+                return
+            if mtype == "progress_state":
+                at = text.find(_PROMPT_ID_KEY)
+                if at > 0:
+                    at += len(_PROMPT_ID_KEY)
+                    job = self._jobs.get(text[at:text.find('"', at)])
+                    if job is not None:
+                        job._progress_state = text  # decoded when read (ComfyJob.nodes_done)
+                    return
         try:
             msg = json.loads(text)
             mtype = msg["type"]
@@ -1151,12 +1213,11 @@ class ComfyClient:
         except (ValueError, KeyError, TypeError):
             log.debug("ignoring malformed websocket frame: %.200s", text)
             return
-        if mtype == "status" or mtype == "progress_state" or mtype == "crystools.monitor":
-            if mtype == "progress_state":
+        if mtype in _UNREAD_FRAMES or mtype == "progress_state":
+            if mtype == "progress_state" and isinstance(data, Mapping):
                 job = self._jobs.get(data.get("prompt_id"))
                 if job is not None:
-                    nodes = data.get("nodes") or {}
-                    job.nodes_done = sum(1 for n in nodes.values() if n.get("state") == "finished")
+                    job._progress_state = data
             return
         if mtype == "feature_flags":
             self.feature_flags = dict(data)
@@ -1208,8 +1269,6 @@ class ComfyClient:
             job.error = dict(data)
         elif mtype == "execution_interrupted":
             job.interrupted = dict(data)
-        elif mtype == "execution_success":
-            pass  # not a completion signal: the history entry may not exist yet
 
     def _settle(self, job: ComfyJob) -> None:
         if job.error is not None:
@@ -1284,7 +1343,9 @@ class ComfyClient:
         download_s = time.perf_counter() - t0 if refs and download else None
         artifacts.extend(job.ws_images)
         for node_id, text in protocol.text_outputs(outputs):
-            artifacts.append(Artifact(node_id=node_id, kind=ArtifactKind.TEXT, text=text, mime_type="text/plain"))
+            artifacts.append(
+                Artifact(node_id=node_id, kind=ArtifactKind.TEXT, text=text, mime_type="text/plain")
+            )
         return JobResult(
             job_id=job.prompt_id,
             provider=self.provider,
@@ -1323,13 +1384,12 @@ class ComfyClient:
                 task.cancel()
 
     async def _download(self, ref: protocol.OutputRef) -> Artifact:
-        data, content_type = await self.view(ref.filename, ref.subfolder, ref.type)
-        mime = (content_type or "").split(";", 1)[0].strip() or ref.mime_type
-        if mime in ("application/octet-stream", "") and ref.mime_type:
-            mime = ref.mime_type
-        art = _artifact(ref.node_id, data, mime, ref, animated=ref.animated)
-        art.url = self.view_url(ref)
-        return art
+        query = urlencode(ref.view_params())
+        data, content_type = await self._view(query, ref.filename)
+        mime = (content_type or "").split(";", 1)[0].strip()
+        if mime in ("application/octet-stream", ""):  # ComfyUI said nothing useful: guess from the name
+            mime = ref.mime_type or mime or None
+        return _artifact(ref.node_id, data, mime, ref, animated=ref.animated, url=f"{self.url}/view?{query}")
 
     async def run(self, prompt: Mapping[str, Any], **kwargs: Any) -> JobResult:
         """Submit, wait and collect in one call."""
@@ -1348,6 +1408,8 @@ class ComfyClient:
         if job is not None:
             return job.status()
         settled = self._settled.get(prompt_id)
+        if type(settled) is float:
+            return JobStatus(job_id=prompt_id, provider=self.provider, state=JobState.SUCCEEDED, updated_at=settled)
         if settled is not None:
             return settled.model_copy()
         entry = await self.history(prompt_id)
@@ -1463,14 +1525,22 @@ class ComfyClient:
 
 # ---------------------------------------------------------------------------------------------- helpers
 
+_UNREAD_FRAMES = frozenset({"status", "crystools.monitor", "execution_success"})
+"""Frames the client ignores: queue broadcasts, a monitoring extension's, and execution_success (not a completion
+signal: the history entry may not exist yet; ``executing`` with ``node: null`` is)."""
+_PROMPT_ID_KEY = '"prompt_id": "'
+
 _JSON = {"content-type": "application/json"}
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"))  # json.dumps builds one per call when given separators
+
+
 def _dumps(obj: Any) -> bytes:
-    return json.dumps(obj, separators=(",", ":")).encode()
+    return _ENCODER.encode(obj).encode()
 
 
-def _json_body(resp: httpx.Response, what: str, client: ComfyClient) -> Any:
+def _json_body(resp: httpx.Response | H1Response, what: str, client: ComfyClient) -> Any:
     try:
         return resp.json()
     except ValueError:
@@ -1510,7 +1580,7 @@ def _short(exc: BaseException) -> str:
     return text if len(text) < 200 else text[:197] + "..."
 
 
-def _retry_after(resp: httpx.Response) -> float | None:
+def _retry_after(resp: httpx.Response | H1Response) -> float | None:
     value = resp.headers.get("retry-after")
     try:
         return float(value) if value else None
@@ -1533,6 +1603,7 @@ def _artifact(
     *,
     animated: bool = False,
     ws: bool = False,
+    url: str | None = None,
 ) -> Artifact:
     from ..models import artifact_kind
 
@@ -1540,7 +1611,10 @@ def _artifact(
     width = height = None
     if kind in (ArtifactKind.IMAGE, ArtifactKind.ANIMATION):
         with contextlib.suppress(Exception):
-            w, h = imagesize.get(_BytesReader(data))
+            if data[:8] == _PNG and data[12:16] == b"IHDR":  # what ComfyUI saves most: read it here
+                w, h = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+            else:
+                w, h = imagesize.get(_BytesReader(data))
             if w > 0 and h > 0:
                 width, height = w, h
     return Artifact(
@@ -1551,6 +1625,7 @@ def _artifact(
         type=ref.type if ref else ("websocket" if ws else None),
         mime_type=mime,
         data=data,
+        url=url,
         width=width,
         height=height,
         size=len(data),
@@ -1558,6 +1633,9 @@ def _artifact(
         # worker-comfyui see it (every non-temp "images" entry is an image to them, animated or not).
         metadata={**({"animated": True} if animated else {}), **({"key": ref.key} if ref else {})},
     )
+
+
+_PNG = b"\x89PNG\r\n\x1a\n"
 
 
 class _BytesReader:

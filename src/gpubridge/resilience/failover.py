@@ -553,6 +553,10 @@ class FailoverRunner(WorkflowRunner):
                 waiter.cancel()
                 with contextlib.suppress(BaseException):
                     await waiter
+            elif not waiter.cancelled():
+                # Ended (say with the JobCancelled of our own cancel) while the branch above decided what this
+                # attempt's end is: read, so asyncio does not log it as never retrieved.
+                waiter.exception()
 
     def _stuck(self, handle: JobHandle, runner: WorkflowRunner) -> JobTimeout:
         """A queued attempt, cancelled and confirmed: reroute it."""
