@@ -7,7 +7,6 @@ PostgreSQL with ``GPUBRIDGE_DATABASE_URL``), so a restarted gateway still answer
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import sys
 from pathlib import Path
@@ -19,12 +18,9 @@ __all__ = ["register", "build_gateway"]
 
 
 def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    from .fetch import is_loopback_host
+
+    return is_loopback_host(host)
 
 
 def _owner_id(data_dir: Path) -> str:

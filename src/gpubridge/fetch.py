@@ -141,6 +141,17 @@ def _embedded_v4(addr: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
     return None
 
 
+def is_loopback_host(host: str) -> bool:
+    """``localhost`` or a literal loopback address (no DNS): where a server may run without a token."""
+    host = host.lower().strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def numeric_ipv4(host: str) -> ipaddress.IPv4Address | None:
     """``host`` read as a resolver reads an all-numeric host (``2130706433``, ``0x7f.1``, ``0177.0.0.1``)."""
     if not _NUMERIC_HOST.match(host):

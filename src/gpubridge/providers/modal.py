@@ -223,16 +223,11 @@ def _retry_after(resp: httpx.Response) -> float | None:
 
 
 def _loopback(url: str) -> bool:
-    import ipaddress
     from urllib.parse import urlsplit
 
-    host = (urlsplit(url).hostname or "").lower()
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    from ..fetch import is_loopback_host
+
+    return is_loopback_host(urlsplit(url).hostname or "")
 
 
 class ModalRunner(WorkflowRunner):
