@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -43,12 +44,24 @@ def test_a_job_sent_to_one_replica_is_read_on_the_other(comfy, replicas):
 
 def test_a_job_sent_to_one_replica_is_cancelled_on_the_other(comfy, replicas):
     a, b = replicas
-    comfy.faults.delays = {"ImageInvert": 3.0}  # a long node; the interrupt lands at its end
+    # The node is held until ComfyUI has the interrupt (not a fixed delay the cancel must beat: under load
+    # the cancel's trip through the other replica took longer than 3 s and the job ended first).
+    comfy.hold("ImageInvert")
     job = httpx.post(f"{a.url}/v1/jobs", json={"workflow": workflow()}, headers=AUTH, timeout=30).json()
     until(b, job["job_id"], "running")
-    cancelled = httpx.post(f"{b.url}/v1/jobs/{job['job_id']}/cancel", headers=AUTH, timeout=60).json()
-    assert cancelled["status"]["state"] == "cancelled", cancelled
+    answer: list[dict[str, Any]] = []
+    cancel = threading.Thread(target=lambda: answer.append(httpx.post(
+        f"{b.url}/v1/jobs/{job['job_id']}/cancel", headers=AUTH, timeout=60).json()))
+    cancel.start()
+    deadline = time.monotonic() + 30
+    while comfy.stats.interrupts == 0:  # polling a condition with a deadline: the interrupt reached ComfyUI
+        assert time.monotonic() < deadline, "the cancel never reached ComfyUI"
+        time.sleep(0.02)
+    comfy.release("ImageInvert")  # the node ends; ComfyUI stops the job before its next node
+    cancel.join(60)
+    assert answer and answer[0]["status"]["state"] == "cancelled", answer
     assert until(a, job["job_id"], "cancelled")["status"]["state"] == "cancelled"
+    assert comfy.stats.interrupts >= 1
 
 
 def test_one_idempotency_key_sent_to_both_replicas_at_once_makes_one_job(comfy, replicas):
