@@ -156,11 +156,14 @@ async def test_transient_errors_while_following_never_settle_the_job(local, stor
 
 
 async def test_a_running_job_is_cancelled(comfy, local, store):
-    comfy.faults.delays = {"ImageInvert": 2.0}  # interruptible at the node's end
+    comfy.hold("ImageInvert")  # held until ComfyUI has the interrupt, not a delay the cancel must beat
     backend = RunnerBackend(local, store, cancel_wait=30.0)
     env = await backend.submit(request())
     await _until(backend, env.job_id, JobState.RUNNING)
-    env = await backend.cancel(env.job_id)
+    cancelling = asyncio.create_task(backend.cancel(env.job_id))
+    await comfy.wait_until(lambda: comfy.stats.interrupts > 0, timeout=30)
+    comfy.release("ImageInvert")  # the node ends; ComfyUI stops the job before its next node
+    env = await cancelling
     assert env.status.state is JobState.CANCELLED
     assert env.status.error["type"] == "JobCancelled"
     await backend.aclose()

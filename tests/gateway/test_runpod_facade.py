@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -145,7 +146,7 @@ def test_runpod_shaped_bad_input_gets_typed_4xx_and_runs_nothing(comfy, gateway)
 
 
 def test_cancel_health_and_purge_queue(comfy, gateway):
-    comfy.faults.delays = {"ImageInvert": 4.0}  # a long node; an interrupt lands at its end
+    comfy.hold("ImageInvert")  # held until ComfyUI has the interrupt, not a delay the cancel must beat
     url, key = f"{gateway.url}/v2/{ENDPOINT}", {"Authorization": f"Bearer {TOKEN}"}
     running = httpx.post(f"{url}/run", json={"input": {"workflow": workflow()}}, headers=key, timeout=30).json()
     comfy.wait_until(lambda: bool(comfy.queue_running), timeout=30)  # after the 1 s queue timeout, on local
@@ -156,8 +157,14 @@ def test_cancel_health_and_purge_queue(comfy, gateway):
     assert health["jobs"]["inProgress"] + health["jobs"]["inQueue"] == 3
     purged = httpx.post(f"{url}/purge-queue", headers=key, timeout=60).json()
     assert purged["status"] == "completed"
-    cancelled = httpx.post(f"{url}/cancel/{running['id']}", headers=key, timeout=60).json()
-    comfy.faults.delays = {}
+    answer: list[dict[str, Any]] = []
+    cancel = threading.Thread(target=lambda: answer.append(
+        httpx.post(f"{url}/cancel/{running['id']}", headers=key, timeout=60).json()))
+    cancel.start()
+    comfy.wait_until(lambda: comfy.stats.interrupts > 0, timeout=30)
+    comfy.release("ImageInvert")
+    cancel.join(60)
+    cancelled = answer[0]
     comfy.resume()
     final = {job_id: status(gateway, job_id)["status"] for job_id in [running["id"], *queued]}
     assert cancelled["id"] == running["id"]
