@@ -52,12 +52,17 @@ def summary(values: list[float]) -> dict[str, float]:
     }
 
 
-def tiny_workflow(i: int) -> dict[str, Any]:
-    """EmptyImage 64x64 -> SaveImage, a new colour each time so no run is served from ComfyUI's cache."""
+def tiny_workflow(i: int, folder: str | None = None) -> dict[str, Any]:
+    """EmptyImage 64x64 -> SaveImage, a new colour each time so no run is served from ComfyUI's cache.
+
+    ``folder``: save under ``FOLDER/<i>/`` (a per-job output folder, as gpubridge's providers make one),
+    so a raw client pays for a job's directory as gpubridge does, and no arm's SaveImage scans a folder
+    that grows with every job."""
+    prefix = f"{folder}/{i}/bench" if folder else "bench"
     return {
         "1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1,
                                                       "color": (i * 7919) % 16777215}},
-        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "bench"}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": prefix}},
     }
 
 
