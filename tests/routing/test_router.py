@@ -158,3 +158,14 @@ def test_a_bad_config_fails_at_start_naming_the_line(tmp_path: Path, text: str, 
     path.write_text('provider = "local"\n\n' + text)
     with pytest.raises(error, match=words):
         connect(settings=Settings.load(path))
+
+
+async def test_a_named_local_instance_names_its_own_url_setting(tmp_path: Path):
+    path = tmp_path / "gpubridge.toml"
+    path.write_text('[providers.comfy-b]\ntype = "local"\nurl = "http://127.0.0.1:1"\n')
+    from gpubridge.errors import ProviderUnavailable
+    from gpubridge.plugins import get_registry
+
+    async with get_registry().create_runner("comfy-b", Settings.load(path)) as runner:
+        with pytest.raises(ProviderUnavailable, match="GPUBRIDGE_COMFY_B_URL"):
+            await runner.run(JobRequest(workflow=PLAIN))

@@ -14,7 +14,7 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from ..comfy import ComfyClient, ComfyJob
-from ..config import DEFAULT_COMFY_URL, ProviderSettings, Settings
+from ..config import DEFAULT_COMFY_URL, ProviderSettings, Settings, instance_env_prefix
 from ..errors import GpuBridgeError, JobTimeout
 from ..models import HealthReport, JobEvent, JobHandle, JobRequest, JobResult, JobState, JobStatus
 from ..plugins import ProviderSpec, hookimpl
@@ -73,9 +73,12 @@ class LocalRunner(WorkflowRunner):
     def from_settings(cls, settings: Settings, **options: Any) -> LocalRunner:
         name = options.pop("name", "local")
         cfg = LocalSettings.from_settings(settings, **options)
+        # A named instance ([providers.NAME] type = "local") reads GPUBRIDGE_<NAME>_URL, so its errors say that.
+        url_setting = "GPUBRIDGE_COMFY_URL" if name == "local" else instance_env_prefix(name) + "URL"
         return cls(
             cfg.url,
             name=name,
+            url_setting=url_setting,
             default_timeout=settings.timeout,
             output_prefix=cfg.output_prefix or None,
             validate=cfg.validate_prompts,
