@@ -7,7 +7,9 @@ the raw httpx + websockets client (``bench._harness.RawClient``) do the least a 
 wait on the websocket for ``executing`` with ``node: null``, ``GET /history``, ``GET /view``. gpubridge's local
 provider does everything it always does (validation against the cached ``/object_info``, a per-job output
 folder, events, the ``JobResult`` with artifacts and timings); a fourth arm runs it without the per-job
-output folder (``output_prefix=None``), to show what that folder costs ComfyUI. Every other arm gets its own
+output folder (``output_prefix=None``), to show what that folder costs ComfyUI; a fifth is the peer
+comfy-api-simplified (``queue_prompt_and_wait``, then ``/history`` and ``/view``, as its
+``queue_and_wait_images`` does). Every other arm gets its own
 per-job output folder too (``stdlib/<n>/``, ``raw/<n>/``, gpubridge's ``gpubridge/<job>/``): a directory per
 job costs ComfyUI the same for each arm, and no arm's SaveImage scans a folder that grows with every job (a
 real ComfyUI lists the folder it saves into). All run the same tiny workflow
@@ -41,6 +43,8 @@ from bench._harness import (
 
 TARGET = 1.05
 CPU_TARGET = 1.10
+PEER_TARGET = 0.60
+"""The brief's: the local provider ahead of comfy-api-simplified by 0.6x or better, per job."""
 SIZES = {"full": {"jobs": 400, "block": 25}, "quick": {"jobs": 100, "block": 20}}
 
 
@@ -74,7 +78,23 @@ async def measure(url: str, jobs: int, block: int) -> dict[str, Any]:
         result = await flat.run(tiny_workflow(nxt()))
         assert len(result.images) == 1
 
-    arms = [Arm("stdlib", run_std), Arm("raw", run_raw), Arm("gpubridge", run_ours), Arm("flat", run_flat)]
+    from comfy_api_simplified import ComfyApiWrapper
+
+    peer = ComfyApiWrapper(url)
+
+    async def run_peer() -> None:
+        # comfy-api-simplified's own path (queue_and_wait_images without its asyncio.run): POST /prompt with
+        # requests, a websocket per job until `executing` with node null, then /history and /view.
+        wf = tiny_workflow(nxt(), folder="simplified")
+        wf["2"]["_meta"] = {"title": "Save"}
+        prompt_id, _ = await peer.queue_prompt_and_wait(wf)
+        history = peer.get_history(prompt_id)
+        images = [peer.get_image(i["filename"], i["subfolder"], i["type"])
+                  for i in history[prompt_id]["outputs"]["2"]["images"]]
+        assert len(images) == 1
+
+    arms = [Arm("stdlib", run_std), Arm("raw", run_raw), Arm("gpubridge", run_ours), Arm("flat", run_flat),
+            Arm("simplified", run_peer)]
     try:
         await alternate(arms, jobs, block)
     finally:
@@ -90,7 +110,7 @@ def run(quick: bool = False, comfy_url: str | None = None, jobs: int | None = No
     size = SIZES["quick" if quick else "full"]
     with comfy_or(comfy_url) as server:
         found = asyncio.run(measure(server.url, jobs or size["jobs"], size["block"]))
-    std, raw, ours, flat = found["stdlib"], found["raw"], found["gpubridge"], found["flat"]
+    std, raw, ours, flat, peer = (found[k] for k in ("stdlib", "raw", "gpubridge", "flat", "simplified"))
     where = "real ComfyUI" if comfy_url else "ComfyUI double"
     ratio = ours["p50"] / std["p50"]
     cpu_ratio = ours["cpu"] / std["cpu"]
@@ -110,6 +130,11 @@ def run(quick: bool = False, comfy_url: str | None = None, jobs: int | None = No
             ms(raw["p50"]), ms(ours["p50"]), ours["p50"] / raw["p50"], "", "info"),
         Row("overhead", f"client CPU per job, raw httpx client vs the stdlib floor ({where})", ms(std["cpu"]),
             ms(raw["cpu"]), raw["cpu"] / std["cpu"], "", "info"),
+        Row("overhead", f"local provider vs comfy-api-simplified, p50 per job ({where})", ms(peer["p50"]),
+            ms(ours["p50"]), ours["p50"] / peer["p50"], f"<= {PEER_TARGET:.2f}x",
+            verdict(ours["p50"] / peer["p50"] <= PEER_TARGET)),
+        Row("overhead", f"client CPU per job, comfy-api-simplified vs the stdlib floor ({where})", ms(std["cpu"]),
+            ms(peer["cpu"]), peer["cpu"] / std["cpu"], "", "info"),
     ]
 
 

@@ -32,7 +32,8 @@ def test_overhead_smallest() -> None:
     rows = overhead.run(quick=True, jobs=4)
     check_rows(rows, "overhead")
     assert rows[0].ratio is not None and rows[0].ratio > 0
-    assert rows[0].data["raw"]["n"] == rows[0].data["gpubridge"]["n"] == 4
+    assert rows[0].data["raw"]["n"] == rows[0].data["gpubridge"]["n"] == rows[0].data["simplified"]["n"] == 4
+    assert any("comfy-api-simplified" in r.what and r.ratio for r in rows)
 
 
 def test_scale_smallest() -> None:
