@@ -43,10 +43,12 @@ def load_manifest(path: str | Path = MANIFEST_FILE) -> Manifest:
 def load_templates(folder: str | Path | None = None) -> TemplateRegistry | None:
     """The workflow templates the job API accepts: ``folder``, else $GPUBRIDGE_TEMPLATES, else the copy
     shipped in the image (/root/workflows), else the repository's workflows/; None when there is none.
-    A bad template raises ConfigError, so a broken deploy fails at start, not per job."""
+    A bad template, or one declaring a model models.toml lacks, raises ConfigError, so a broken deploy fails
+    at start, not per job."""
     for candidate in (folder, os.environ.get("GPUBRIDGE_TEMPLATES"), REMOTE_TEMPLATES_DIR, TEMPLATES_DIR):
         if candidate and Path(candidate).is_dir():
-            return TemplateRegistry.load(candidate)
+            # the models they declare must be in the manifest this app ships (models.toml beside this file)
+            return TemplateRegistry.load(candidate, models=MANIFEST_FILE if MANIFEST_FILE.is_file() else None)
     return None
 
 

@@ -56,7 +56,8 @@ def build_gateway(
 ) -> Any:
     """The gateway's ASGI app: ``create_app`` over a :class:`RunnerBackend` around ``connect()``. Jobs may
     name the templates in ``templates`` (a registry), else in the configured folder (``templates``,
-    ``$GPUBRIDGE_TEMPLATES``, ./workflows) when it exists."""
+    ``$GPUBRIDGE_TEMPLATES``, ./workflows) when it exists, checked at start (their declared models against the
+    model manifest, ``$GPUBRIDGE_MODELS_MANIFEST`` or ./models.toml or ./modal_app/models.toml, when found)."""
     from gpubridge.config import Settings, WebhookSettings
     from gpubridge.connect import connect
     from gpubridge.server import create_app
@@ -70,7 +71,13 @@ def build_gateway(
         from gpubridge.templates import TEMPLATES_ENV, TemplateRegistry
 
         if settings.templates.is_dir():
-            templates = TemplateRegistry.load(settings.templates)
+            from gpubridge.cli_models import find_manifest
+
+            try:  # declared models must be in the model manifest, when there is one to check against
+                models = find_manifest()
+            except ConfigError:
+                models = None
+            templates = TemplateRegistry.load(settings.templates, models=models)
         elif os.environ.get(TEMPLATES_ENV):
             raise ConfigError(f"{TEMPLATES_ENV}={settings.templates} is not a folder")
     data = Path(data_dir or os.environ.get("GPUBRIDGE_DATA_DIR") or default_data_dir())

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import random
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -176,3 +177,34 @@ async def test_shadow_records_carry_the_template_and_its_version(registry: Templ
     await runner.drain()
     version = registry["model_free_invert"].version
     assert [r.workflow for r in sink.records] == [f"model_free_invert@{version}"] * 2
+
+
+def test_a_gateway_refuses_to_start_with_a_template_whose_model_is_not_in_the_manifest(tmp_path: Path):
+    import os
+    import subprocess
+    import sys
+
+    folder = tmp_path / "tpl"
+    folder.mkdir()
+    shutil.copy(WORKFLOWS / "model_free_invert.json", folder / "needs_a_model.json")
+    (folder / "needs_a_model.toml").write_text('models = ["nowhere.safetensors"]\n')
+    env = {**os.environ, "GPUBRIDGE_TEMPLATES": str(folder), "GPUBRIDGE_MODELS_MANIFEST":
+           str(ROOT / "modal_app" / "models.toml"), "GPUBRIDGE_API_TOKEN": "t"}
+    done = subprocess.run([sys.executable, "-m", "gpubridge.cli", "serve", "--port", "1", "--data-dir",
+                           str(tmp_path / "data")], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert "'nowhere.safetensors' not in the model manifest" in done.stderr + done.stdout
+
+
+def test_the_job_api_checks_its_templates_models_against_the_shipped_manifest(tmp_path: Path):
+    from modal_app.runtime import load_templates
+
+    from gpubridge.errors import ConfigError
+
+    folder = tmp_path / "tpl"
+    folder.mkdir()
+    shutil.copy(WORKFLOWS / "model_free_invert.json", folder / "needs_a_model.json")
+    (folder / "needs_a_model.toml").write_text('models = ["nowhere.safetensors"]\n')
+    with pytest.raises(ConfigError, match="'nowhere.safetensors' not in the model manifest"):
+        load_templates(folder)
+    assert set(load_templates(WORKFLOWS)) >= {"flux_schnell_t2i", "wan21_t2v"}  # the shipped ones pass
