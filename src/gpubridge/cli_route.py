@@ -74,11 +74,11 @@ def register(app: typer.Typer) -> None:
             settings = Settings.load(config)
             tags = _pairs(tag, "--tag")
             if template is not None:
-                from .cli_templates import _params
+                from .cli_templates import parse_params
                 from .templates import TemplateRegistry
 
                 registry = TemplateRegistry.load(settings.templates)
-                values = _params(registry[template].params, param, template)
+                values = parse_params(registry[template].params, param, template)
                 request = registry.request(template, values, tags=tags)
             else:
                 request = JobRequest(workflow=workflow, tags=tags)

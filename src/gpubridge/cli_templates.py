@@ -135,7 +135,9 @@ def validate(
     out.print(f"{len(registry)} template(s) in {registry.folder} are valid{note}")
 
 
-def _params(tpl_params: dict[str, Any], items: list[str], name: str) -> dict[str, Any]:
+def parse_params(tpl_params: dict[str, Any], items: list[str], name: str) -> dict[str, Any]:
+    """``--param NAME=VALUE`` items as the template's typed values (``templates run``, ``route``);
+    ParamInvalid naming every bad or unknown one."""
     values: dict[str, Any] = {}
     bad: dict[str, str] = {}
     for item in items:
@@ -183,7 +185,7 @@ def run(
 
     def build() -> JobRequest:
         tpl = registry[name]
-        values = _params(tpl.params, param, tpl.name)
+        values = parse_params(tpl.params, param, tpl.name)
         return JobRequest(**request_fields(registry, name, values, {"timeout": timeout}))
 
     run_job(build, provider=provider, out_dir=out_dir, as_json=as_json, quiet=quiet, config=config, url=url)
